@@ -1,0 +1,53 @@
+"""Host (Python) cost of Averager.step() per training step, over GPT-2 124M's 148 parameter tensors.
+
+Each tensor is shrunk to at most 64 elements, so what is timed is the Python side and op dispatch,
+not memory traffic.  Usage: python bench/step_overhead.py [--backend torch] [--device cpu]
+"""
+
+import argparse
+import time
+
+import torch
+
+import fastavg
+
+
+def gpt2_shapes(layers=12, dim=768, vocab=50257, context=1024):
+    """nanoGPT GPT-2 (with biases, tied head): 2 + 12 x 12 + 2 = 148 tensors."""
+    shapes = [(vocab, dim), (context, dim)]
+    for _ in range(layers):
+        shapes += [(dim,), (dim,), (dim, 3 * dim), (3 * dim,), (dim, dim), (dim,)]
+        shapes += [(dim,), (dim,), (dim, 4 * dim), (4 * dim,), (4 * dim, dim), (dim,)]
+    return shapes + [(dim,), (dim,)]
+
+
+def per_call_us(fn, repeats):
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats * 1e6
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backend", default="torch")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=2000)
+    args = parser.parse_args()
+    params = [torch.nn.Parameter(torch.zeros(min(64, s[0]), device=args.device, dtype=torch.bfloat16)) for s in gpt2_shapes()]
+    rows = {
+        "step, nothing due": fastavg.Averager(params, fastavg.EMA(every=10**9), backend=args.backend).step,
+        "parameter check (148 tensors)": fastavg.Averager(params, "ema", backend=args.backend).check_params,
+        "step, EMA due": fastavg.Averager(params, fastavg.EMA(), backend=args.backend).step,
+        "step, EMA+SWA+LAWA due": fastavg.Averager(
+            params, {"ema": fastavg.EMA(), "swa": fastavg.SWA(), "lawa": fastavg.LAWA(every=1)}, backend=args.backend
+        ).step,
+    }
+    print(f"{len(params)} tensors, backend {args.backend}, device {args.device}, torch {torch.__version__}")
+    for name, fn in rows.items():
+        print(f"{name:32s} {per_call_us(fn, args.repeats):8.1f} us")
+
+
+if __name__ == "__main__":
+    main()

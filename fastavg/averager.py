@@ -1,0 +1,216 @@
+"""Averager: every named average of one run, updated together from one read of the parameters."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from . import state
+from .flat import collect_params, make_groups
+from .ops import resolve_backend
+from .specs import LAWA, Spec, num_averaged, parse_averaging
+
+
+class _Average:
+    """One named average: its spec, its due count ``n`` and one buffer per flat group."""
+
+    def __init__(self, name: str, spec: Spec, groups):
+        self.name = name
+        self.spec = spec
+        self.n = 0
+        if isinstance(spec, LAWA):
+            # The ring holds the latest `window` snapshots in the parameter dtype, exactly; the mean
+            # is taken when it is read, so it never drifts (DESIGN.md).
+            self.buffers = [torch.zeros(spec.window, g.numel, dtype=g.dtype, device=g.device) for g in groups]
+        else:
+            self.buffers = [torch.zeros(g.numel, dtype=g.average_dtype, device=g.device) for g in groups]
+
+    @property
+    def is_ring(self) -> bool:
+        return isinstance(self.spec, LAWA)
+
+    def count(self) -> int:
+        return num_averaged(self.spec, self.n)
+
+
+class Averager:
+    """Keeps EMA / SWA / LAWA averages of ``params``; call ``step()`` once per training step."""
+
+    def __init__(self, params, averaging="ema", *, backend="auto", dtype=None, **spec_kwargs):
+        specs = parse_averaging(averaging, spec_kwargs)
+        tensors, names = collect_params(params)
+        self._groups = make_groups(tensors, names, dtype)
+        self._backends = [resolve_backend(backend, g.device.type) for g in self._groups]
+        self._param_names = names
+        self._averages = {name: _Average(name, spec, self._groups) for name, spec in specs.items()}
+        self._t = 0
+        self._open = False
+
+    # -- what users read ---------------------------------------------------------------------
+    @property
+    def step_count(self) -> int:
+        """``t``: the number of ``step()`` calls so far."""
+        return self._t
+
+    @property
+    def names(self) -> list[str]:
+        """The averages' names, in the order given."""
+        return list(self._averages)
+
+    @property
+    def specs(self) -> dict[str, Spec]:
+        """``{name: spec}`` of every average."""
+        return {name: a.spec for name, a in self._averages.items()}
+
+    @property
+    def backends(self) -> list[str]:
+        """The backend that runs each flat group."""
+        return [b.name for b in self._backends]
+
+    def num_averaged(self, name: str | None = None) -> int:
+        """Snapshots in average ``name``: 0 before its first due step, then n (LAWA: min(n, window))."""
+        return self._get(name).count()
+
+    def __repr__(self) -> str:
+        specs = ", ".join(f"{n}={a.spec}" for n, a in self._averages.items())
+        return f"Averager({specs}, step_count={self._t}, groups={len(self._groups)}, backends={self.backends})"
+
+    # -- the training-step path ----------------------------------------------------------------
+    def due_at(self, t: int) -> list[_Average]:
+        """The averages updated at step ``t`` (empty when none is due)."""
+        return [a for a in self._averages.values() if a.spec.is_due(t)]
+
+    def check_params(self) -> None:
+        """RuntimeError naming any parameter replaced since wrapping."""
+        for group in self._groups:
+            group.check_unchanged()
+
+    def check_can_step(self) -> None:
+        """RuntimeError inside ``averaged()``: the parameters hold an average, not the training values."""
+        if self._open:
+            raise RuntimeError("step() called inside averaged(): the parameters hold an average; leave the block first")
+
+    def step(self) -> None:
+        """One training step happened: advance ``t`` and update every average due at it."""
+        self.check_can_step()
+        due = self.due_at(self._t + 1)
+        if due:
+            self.check_params()
+        self.advance(due)
+
+    def advance(self, due: list[_Average]) -> None:
+        """Advance ``t`` and update ``due`` (= ``due_at(t + 1)``, parameters already checked)."""
+        self._t += 1
+        if due:
+            self._update(due)
+
+    def _update(self, due: list[_Average]) -> None:
+        lerped = [a for a in due if not a.is_ring]
+        rings = [a for a in due if a.is_ring]
+        for a in due:
+            a.n += 1
+        weights = [a.spec.weight(a.n) for a in lerped]
+        slots = [a.spec.slot(a.n) for a in rings]
+        with torch.no_grad():
+            # One op call per group, whatever the number and kinds of due averages.
+            for gi, (group, backend) in enumerate(zip(self._groups, self._backends)):
+                backend.call(
+                    "update_",
+                    group.flat_params,
+                    [a.buffers[gi] for a in lerped],
+                    weights,
+                    [a.buffers[gi] for a in rings],
+                    slots,
+                )
+
+    # -- reading the averages ----------------------------------------------------------------
+    def _get(self, name: str | None) -> _Average:
+        if name is None:
+            if len(self._averages) != 1:
+                raise ValueError(f"several averages are kept; name one of {self.names}")
+            return next(iter(self._averages.values()))
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a str, got {type(name).__name__}")
+        if name not in self._averages:
+            raise ValueError(f"no average named {name!r}; the averages are {self.names}")
+        return self._averages[name]
+
+    @contextlib.contextmanager
+    def averaged(self, name: str | None = None) -> Iterator[None]:
+        """Inside the block the parameters hold average ``name``; on exit the training values return bit for bit."""
+        average = self._get(name)
+        if self._open:
+            raise RuntimeError("averaged() is already open; nested averaged() blocks are not supported")
+        self.check_params()
+        self._open = True
+        swapped: list[tuple[int, torch.Tensor]] = []
+        try:
+            if average.count() > 0:
+                with torch.no_grad():
+                    for gi, (group, backend) in enumerate(zip(self._groups, self._backends)):
+                        backup = torch.empty(group.numel, dtype=group.dtype, device=group.device)
+                        if average.is_ring:
+                            args = (
+                                group.flat_params,
+                                backup,
+                                average.buffers[gi],
+                                average.count(),
+                                group.average_dtype,
+                            )
+                            backend.call("swap_in_ring_", *args)
+                        else:
+                            backend.call("swap_in_", group.flat_params, backup, average.buffers[gi])
+                        swapped.append((gi, backup))
+            yield
+        finally:
+            # Runs also when the block (or a later group's swap) raised: every group swapped in
+            # gets its training values back before anything else happens.
+            with torch.no_grad():
+                for gi, backup in swapped:
+                    self._backends[gi].call("restore_", self._groups[gi].flat_params, backup)
+            self._open = False
+
+    def _average_flat(self, average: _Average, gi: int) -> torch.Tensor:
+        """A new flat tensor holding ``average`` for group ``gi`` in the averages' dtype."""
+        group = self._groups[gi]
+        out = torch.empty(group.numel, dtype=group.average_dtype, device=group.device)
+        with torch.no_grad():
+            if average.count() == 0:
+                # Before the first due step the average is the parameters themselves.
+                torch._foreach_copy_(out.split(group.numels), group.flat_params)
+            elif average.is_ring:
+                self._backends[gi].call("ring_mean_", out, average.buffers[gi], average.count())
+            else:
+                out.copy_(average.buffers[gi])
+        return out
+
+    def averaged_params(self, name: str | None = None) -> list[torch.Tensor]:
+        """New tensors holding average ``name`` in the averages' dtype, one per parameter, in parameter order."""
+        average = self._get(name)
+        self.check_params()
+        result: list[torch.Tensor | None] = [None] * len(self._param_names)
+        for gi, group in enumerate(self._groups):
+            flat = self._average_flat(average, gi)
+            for i, index in enumerate(group.index):
+                # clone: each export owns its memory (torch.save of a view would write the whole group).
+                result[index] = group.param_view(flat, i).clone()
+        return result
+
+    # -- persistence -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Every average, its schedule position and spec, as tensors and plain Python values."""
+        return state.averager_state(self)
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Inverse of ``state_dict()``; validates everything before changing anything."""
+        state.apply(self, state.validate(self, sd))
+
+    def reset(self) -> None:
+        """Start every average afresh: ``t = 0``, no snapshots."""
+        self._t = 0
+        for a in self._averages.values():
+            a.n = 0
+            for b in a.buffers:
+                b.zero_()

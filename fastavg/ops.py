@@ -1,0 +1,134 @@
+"""The fused in-place ops, named once; each backend registers them in its own namespace.
+
+Every op works on ONE flat group (parameters of one device and dtype). ``params`` are the group's
+parameters as 1-D views in memory order; their concatenation is the group's flat parameter vector
+``p`` of ``N`` elements. Averages are flat ``(N,)`` buffers, LAWA rings ``(window, N)`` buffers in
+the parameter dtype.
+
+- ``update_``: for every ``(avg, w)``: ``avg.lerp_(p, w)`` in the averages' dtype; w == 1 is a
+  copy that never reads ``avg`` (a first update must not keep a NaN left in the buffer); for every ``(ring, slot)``: ``ring[slot] = p``. One read of ``p`` serves them all.
+- ``swap_in_``: ``backup = p; p = average`` (cast to the parameter dtype).
+- ``swap_in_ring_``: ``backup = p; p = mean(ring[:count])``, the mean taken in float64, rounded to
+  ``dtype`` (the averages' dtype) and then to the parameter dtype, so it equals ``ring_mean_``.
+- ``restore_``: ``p = backup``, bit for bit.
+- ``ring_mean_``: ``out = mean(ring[:count])``, taken in float64 and rounded to ``out.dtype``.
+
+A namespace cannot hold both Python definitions and a C++ ``TORCH_LIBRARY`` (loading the .so then
+aborts), and one (op, device) slot cannot hold two backends: hence one namespace per backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+SCHEMAS: dict[str, str] = {
+    "update_": "(Tensor[] params, Tensor(a!)[] averages, float[] weights, Tensor(b!)[] rings, int[] slots) -> ()",
+    "swap_in_": "(Tensor(a!)[] params, Tensor(b!) backup, Tensor average) -> ()",
+    "swap_in_ring_": "(Tensor(a!)[] params, Tensor(b!) backup, Tensor ring, int count, ScalarType dtype) -> ()",
+    "restore_": "(Tensor(a!)[] params, Tensor backup) -> ()",
+    "ring_mean_": "(Tensor(a!) out, Tensor ring, int count) -> ()",
+}
+
+# Which arguments each op writes (torch.library needs them by name).
+MUTATES: dict[str, tuple[str, ...]] = {
+    "update_": ("averages", "rings"),
+    "swap_in_": ("params", "backup"),
+    "swap_in_ring_": ("params", "backup"),
+    "restore_": ("params",),
+    "ring_mean_": ("out",),
+}
+
+NAMESPACES: dict[str, str] = {"torch": "fastavg_ref", "triton": "fastavg_triton", "native": "fastavg_native"}
+
+
+def register_python_ops(namespace: str, impls: dict[str, Callable]) -> dict[str, Callable]:
+    """Register every op of SCHEMAS in ``namespace`` as an opaque custom op; returns the op handles."""
+    ops = {}
+    for name, schema in SCHEMAS.items():
+        op = torch.library.custom_op(f"{namespace}::{name}", impls[name], mutates_args=MUTATES[name], schema=schema)
+        # The ops mutate in place and return nothing, so the fake (meta) kernel has nothing to do.
+        op.register_fake(_no_op)
+        ops[name] = op
+    return ops
+
+
+def _no_op(*args, **kwargs) -> None:
+    return None
+
+
+@dataclass
+class Backend:
+    """One backend: direct callables for eager mode, registered ops for tracing, and availability."""
+
+    name: str
+    impls: dict[str, Callable]
+    ops: dict[str, Callable]
+    unavailable: Callable[[str], str | None]  # device type -> None, or why the backend cannot run there
+    speed_rank: int = 0  # "auto" picks the available backend with the highest rank
+    extra: dict = field(default_factory=dict)
+
+    def call(self, op: str, *args) -> None:
+        """Run ``op``: the implementation directly in eager mode, the registered op when compiling."""
+        # A registered op costs a dispatcher round trip per call; eager mode skips it, tracing
+        # (torch.compile) needs the opaque op so it does not look inside the kernel.
+        if torch.compiler.is_compiling():
+            self.ops[op](*args)
+        else:
+            self.impls[op](*args)
+
+
+_BACKENDS: dict[str, Backend] = {}
+_UNBUILT: dict[str, str] = {
+    "triton": "the Triton backend is not part of this version of fastavg (use backend='torch')",
+    "native": "the native (C++/CUDA) backend is not part of this version of fastavg (use backend='torch')",
+}
+BACKEND_NAMES = ("torch", "triton", "native")
+
+
+def add_backend(backend: Backend) -> None:
+    """Make ``backend`` selectable by name."""
+    _BACKENDS[backend.name] = backend
+
+
+def _device_type(device) -> str:
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if isinstance(device, str):
+        return torch.device(device).type
+    if isinstance(device, torch.device):
+        return device.type
+    raise TypeError(f"device must be None, a str or a torch.device, got {type(device).__name__}")
+
+
+def available_backends(device=None) -> dict[str, str | None]:
+    """For a device type (default: CUDA if available, else CPU): ``None`` per usable backend, else why not."""
+    device_type = _device_type(device)
+    _load_backends()
+    out = {}
+    for name in BACKEND_NAMES:
+        backend = _BACKENDS.get(name)
+        out[name] = _UNBUILT.get(name, "not registered") if backend is None else backend.unavailable(device_type)
+    return out
+
+
+def resolve_backend(name: str, device_type: str) -> Backend:
+    """The backend to run on ``device_type``: ``name`` itself, or the fastest available for "auto"."""
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a str, got {type(name).__name__}")
+    if name != "auto" and name not in BACKEND_NAMES:
+        raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {list(BACKEND_NAMES)}")
+    reasons = available_backends(device_type)
+    if name == "auto":
+        usable = [_BACKENDS[n] for n, why in reasons.items() if why is None]
+        return max(usable, key=lambda b: b.speed_rank)
+    if reasons[name] is not None:
+        raise RuntimeError(f"backend {name!r} is not available for {device_type} tensors: {reasons[name]}")
+    return _BACKENDS[name]
+
+
+def _load_backends() -> None:
+    # Imported here, not at module top: each backend module imports this one to register itself.
+    from . import torch_backend  # noqa: F401

@@ -1,0 +1,157 @@
+"""AveragedOptimizer and wrap(): a torch.optim.Optimizer that keeps weight averages as it steps."""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+
+import torch
+
+from . import state
+from .averager import Averager
+
+_AMP_ATTRS = ("grad_scale", "found_inf")
+
+
+class AveragedOptimizer(torch.optim.Optimizer):
+    """Wraps ``optimizer``; every ``step()`` also updates the averages due at that step.
+
+    ``param_groups``, ``state`` and ``defaults`` are the inner optimizer's own objects, so
+    schedulers, gradient clipping and GradScaler act on it exactly as without the wrapper.
+    """
+
+    def __init__(self, optimizer, averaging="ema", *, backend="auto", dtype=None, **spec_kwargs):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if isinstance(optimizer, AveragedOptimizer):
+            raise TypeError(
+                "optimizer is already an AveragedOptimizer; keep several averages with a dict of specs instead"
+            )
+        # Optimizer.__init__ is not called: it would build param_groups of its own. These are the
+        # attributes it sets that the base class's methods and hooks rely on.
+        self.optimizer = optimizer
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        self._patch_step_function()
+        self.averager = Averager(optimizer.param_groups, averaging, backend=backend, dtype=dtype, **spec_kwargs)
+
+    # Properties, not copies: the inner load_state_dict() rebinds its `state` and `param_groups`.
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value):
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value):
+        self.optimizer.state = value
+
+    @property
+    def defaults(self):
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value):
+        self.optimizer.defaults = value
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        # GradScaler asks the optimizer it is given; a fused inner optimizer unscales inside its step.
+        return getattr(self.optimizer, "_step_supports_amp_scaling", False)
+
+    @property
+    def step_count(self) -> int:
+        """``t``: the number of ``step()`` calls so far (steps GradScaler skipped do not count)."""
+        return self.averager.step_count
+
+    @property
+    def names(self) -> list[str]:
+        """The averages' names."""
+        return self.averager.names
+
+    def num_averaged(self, name: str | None = None) -> int:
+        """Snapshots in average ``name`` so far."""
+        return self.averager.num_averaged(name)
+
+    def averaged(self, name: str | None = None):
+        """Context manager: the parameters hold average ``name`` inside, training values bit for bit after."""
+        return self.averager.averaged(name)
+
+    def averaged_params(self, name: str | None = None) -> list[torch.Tensor]:
+        """New tensors holding average ``name`` in the averages' dtype, in parameter order."""
+        return self.averager.averaged_params(name)
+
+    def step(self, closure=None):
+        """The inner optimizer's step, then the update of every average due at the new ``t``."""
+        averager = self.averager
+        averager.check_can_step()
+        due = averager.due_at(averager.step_count + 1)
+        if due:
+            averager.check_params()  # before the inner step runs and before t advances
+        # GradScaler sets grad_scale / found_inf on the optimizer it was given (this wrapper) when
+        # the inner one is fused; the fused step reads them from itself, so hand them on.
+        amp = {name: self.__dict__[name] for name in _AMP_ATTRS if name in self.__dict__}
+        for name, value in amp.items():
+            setattr(self.optimizer, name, value)
+        try:
+            loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
+        finally:
+            for name in amp:
+                self.optimizer.__dict__.pop(name, None)
+        found_inf = amp.get("found_inf")
+        # A step GradScaler skips is no call (API.md). The fused path skips on the device, so the
+        # only way to know is a host read; GradScaler's non-fused path makes the same read.
+        if found_inf is not None and bool(found_inf.item()):
+            return loss
+        averager.advance(due)
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """The inner optimizer's ``zero_grad``."""
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group) -> None:
+        """Not supported after wrapping: the averages' buffers are laid out at wrap time."""
+        raise RuntimeError("add_param_group() after wrapping is not supported: add every group, then wrap")
+
+    def state_dict(self) -> dict:
+        """The inner optimizer's state dict plus a ``"fastavg"`` entry with every average."""
+        sd = self.optimizer.state_dict()
+        sd["fastavg"] = self.averager.state_dict()
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Inverse of ``state_dict()``; nothing changes unless everything is valid."""
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        inner = {k: v for k, v in state_dict.items() if k != "fastavg"}
+        if "fastavg" not in state_dict:
+            self.optimizer.load_state_dict(inner)
+            self.averager.reset()
+            warnings.warn(
+                "fastavg: the state dict has no 'fastavg' entry (saved from the unwrapped optimizer); "
+                "the inner optimizer's state was loaded and the averages start afresh",
+                stacklevel=2,
+            )
+            return
+        plan = state.validate(self.averager, state_dict["fastavg"])
+        self.optimizer.load_state_dict(inner)  # validates itself before changing anything
+        state.apply(self.averager, plan)
+
+    def __repr__(self) -> str:
+        return f"AveragedOptimizer({self.optimizer!r}, {self.averager!r})"
+
+
+def wrap(optimizer, averaging="ema", *, backend="auto", dtype=None, **spec_kwargs) -> AveragedOptimizer:
+    """Wrap ``optimizer`` so it keeps weight averages: ``fastavg.wrap(opt, "lawa", window=5, every=200)``."""
+    return AveragedOptimizer(optimizer, averaging, backend=backend, dtype=dtype, **spec_kwargs)

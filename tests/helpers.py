@@ -1,0 +1,27 @@
+"""Drive an Averager with known parameter values and record the due snapshots."""
+
+from __future__ import annotations
+
+import torch
+
+import fastavg
+
+
+def make_params(shapes, dtype=torch.float32, seed=0, device="cpu") -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64).to(device, dtype)) for s in shapes]
+
+
+def run(averager: fastavg.Averager, params: list[torch.Tensor], steps: int, seed: int = 1) -> dict[str, list]:
+    """``steps`` steps: new random values, then ``averager.step()``. Returns each spec's due snapshots."""
+    g = torch.Generator().manual_seed(seed)
+    snapshots = {name: [] for name in averager.names}
+    for _ in range(steps):
+        with torch.no_grad():
+            for p in params:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+        averager.step()
+        for name, spec in averager.specs.items():
+            if spec.is_due(averager.step_count):
+                snapshots[name].append([p.detach().clone() for p in params])
+    return snapshots

@@ -1,0 +1,120 @@
+"""averaged(): the average swapped in, the training values restored bit for bit, and its errors."""
+
+import pytest
+import torch
+from helpers import make_params, run
+
+import fastavg
+from fastavg import EMA, LAWA, SWA
+
+
+def _wrapped(backend, averaging, dtype=torch.float32):
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).to(dtype)
+    opt = fastavg.wrap(torch.optim.SGD(model.parameters(), lr=0.5), averaging, backend=backend)
+    return model, opt
+
+
+def _train(model, opt, steps):
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        x = torch.randn(4, 5, generator=g).to(next(model.parameters()).dtype)
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("name", ["ema", "swa", "lawa"])
+def test_swap_in_and_bit_exact_restore(name, dtype, backend):
+    specs = {"ema": EMA(0.9), "swa": SWA(), "lawa": LAWA(window=3, every=2)}
+    model, opt = _wrapped(backend, specs, dtype)
+    _train(model, opt, 9)
+    before = [p.detach().clone() for p in model.parameters()]
+    expected = opt.averaged_params(name)
+    with opt.averaged(name):
+        for p, e in zip(model.parameters(), expected):
+            assert p.dtype == dtype
+            assert torch.equal(p.detach(), e.to(dtype))
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p.detach(), b)  # bit for bit
+
+
+def test_restored_when_the_block_raises(backend):
+    model, opt = _wrapped(backend, "ema")
+    _train(model, opt, 5)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(KeyError, match="boom"):
+        with opt.averaged():
+            with torch.no_grad():
+                next(model.parameters()).add_(100)  # even edits inside the block are undone
+            raise KeyError("boom")
+    assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
+    with opt.averaged():  # and the wrapper is usable again
+        pass
+
+
+def test_before_first_due_step_parameters_are_left_as_they_are(backend):
+    model, opt = _wrapped(backend, LAWA(window=2, every=10))
+    _train(model, opt, 3)
+    before = [p.detach().clone() for p in model.parameters()]
+    with opt.averaged():
+        assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
+
+
+def test_step_inside_block_raises_and_changes_nothing(backend):
+    model, opt = _wrapped(backend, "ema")
+    _train(model, opt, 2)
+    t = opt.step_count
+    with opt.averaged():
+        inside = [p.detach().clone() for p in model.parameters()]
+        with pytest.raises(RuntimeError, match="inside averaged"):
+            opt.step()
+        with pytest.raises(RuntimeError, match="inside averaged"):
+            opt.averager.step()
+        assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), inside))
+    assert opt.step_count == t
+
+
+def test_nested_averaged_raises(backend):
+    model, opt = _wrapped(backend, {"a": EMA(0.9), "b": SWA()})
+    _train(model, opt, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    with opt.averaged("a"):
+        with pytest.raises(RuntimeError, match="already open"):
+            with opt.averaged("b"):
+                pass
+    assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
+
+
+def test_name_required_with_several_averages(backend):
+    model, opt = _wrapped(backend, {"a": EMA(0.9), "b": SWA()})
+    with pytest.raises(ValueError, match=r"\['a', 'b'\]"):
+        with opt.averaged():
+            pass
+    with pytest.raises(ValueError, match="nope"):
+        opt.averaged_params("nope")
+    with pytest.raises(ValueError):
+        opt.num_averaged()
+    assert opt.num_averaged("a") == 0
+
+
+def test_averaged_params_are_new_tensors_in_average_dtype(backend):
+    params = make_params([(4, 3), (2,)], torch.bfloat16)
+    avg = fastavg.Averager(params, EMA(0.5), backend=backend)
+    run(avg, params, 3)
+    out = avg.averaged_params()
+    assert [o.dtype for o in out] == [torch.float32, torch.float32]
+    assert [o.shape for o in out] == [p.shape for p in params]
+    out[0].fill_(123.0)  # owning its memory: editing an export changes nothing kept
+    assert not torch.equal(avg.averaged_params()[0], out[0])
+
+
+def test_channels_last_parameters_are_averaged_in_their_layout(backend):
+    conv = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    assert not conv.weight.is_contiguous()
+    avg = fastavg.Averager(conv.parameters(), SWA(), backend=backend)
+    snaps = run(avg, list(conv.parameters()), 4)["swa"]
+    expected = torch.stack([s[0] for s in snaps]).mean(0)
+    torch.testing.assert_close(avg.averaged_params()[0], expected)
+    with avg.averaged():
+        torch.testing.assert_close(conv.weight.detach(), expected)

@@ -1,0 +1,125 @@
+"""API.md's Bad input: clear errors, raised before anything is modified."""
+
+import pytest
+import torch
+from helpers import make_params
+
+import fastavg
+from fastavg import EMA, SWA
+
+
+def test_non_floating_parameter_raises_value_error():
+    with pytest.raises(ValueError, match="floating"):
+        fastavg.Averager([torch.zeros(3, dtype=torch.int64)], "ema")
+
+
+def test_sparse_parameter_raises_value_error():
+    with pytest.raises(ValueError, match="sparse"):
+        fastavg.Averager([torch.eye(3).to_sparse()], "ema")
+
+
+def test_gapped_parameter_raises_value_error():
+    with pytest.raises(ValueError, match="dense"):
+        fastavg.Averager([torch.zeros(4, 4)[:, ::2]], "ema")
+
+
+@pytest.mark.parametrize(
+    "params, exc",
+    [(torch.zeros(3), TypeError), (5, TypeError), (["x"], TypeError), ([], ValueError)],
+)
+def test_bad_params_container(params, exc):
+    with pytest.raises(exc):
+        fastavg.Averager(params, "ema")
+
+
+def test_duplicate_parameter_raises():
+    p = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match="more than once"):
+        fastavg.Averager([p, p], "ema")
+
+
+def test_wrong_argument_types():
+    params = make_params([(2,)])
+    with pytest.raises(TypeError):
+        fastavg.Averager(params, 3)
+    with pytest.raises(ValueError, match="unknown averaging"):
+        fastavg.Averager(params, "polyak")
+    with pytest.raises(TypeError):
+        fastavg.Averager(params, EMA(), decay=0.5)
+    with pytest.raises(TypeError):
+        fastavg.Averager(params, {"e": EMA()}, decay=0.5)
+    with pytest.raises(TypeError):
+        fastavg.Averager(params, {"e": "ema"})
+    with pytest.raises(TypeError):
+        fastavg.Averager(params, {1: EMA()})
+    with pytest.raises(TypeError):
+        fastavg.Averager(params, "ema", bogus=1)
+    with pytest.raises(TypeError):
+        fastavg.Averager(params, "ema", backend=1)
+    with pytest.raises(ValueError, match="unknown backend"):
+        fastavg.Averager(params, "ema", backend="cuda")
+    with pytest.raises(TypeError, match="name"):
+        fastavg.Averager(params, "ema").averaged_params(0)
+
+
+def _model_and_opt(averaging=None):
+    model = torch.nn.Linear(3, 2)
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    return model, fastavg.wrap(inner, averaging or EMA(0.9))
+
+
+def _step(model, opt):
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+
+
+@pytest.mark.parametrize(
+    "replace",
+    [
+        lambda m: setattr(m.weight, "data", m.weight.data.clone()),
+        lambda m: setattr(m.weight, "data", torch.zeros(2, 4)),
+        lambda m: m.to(torch.float64),
+        lambda m: m.weight.data.resize_(12),  # grows the shared storage: new memory
+    ],
+    ids=["new-storage", "new-shape", "model.to", "resize"],
+)
+def test_replaced_parameter_raises_before_inner_step_and_before_t_advances(replace):
+    model, opt = _model_and_opt()
+    _step(model, opt)
+    replace(model)
+    weight, bias = model.weight.detach().clone(), model.bias.detach().clone()
+    model.zero_grad()
+    model.weight.grad = torch.ones_like(model.weight)
+    model.bias.grad = torch.ones_like(model.bias)
+    with pytest.raises(RuntimeError, match="'weight'|param 0") as info:
+        opt.step()
+    assert "replaced" in str(info.value)
+    assert opt.step_count == 1
+    assert torch.equal(model.weight.detach(), weight) and torch.equal(
+        model.bias.detach(), bias
+    )  # inner step did not run
+    with pytest.raises(RuntimeError, match="replaced"):
+        with opt.averaged():
+            pass
+    with pytest.raises(RuntimeError, match="replaced"):
+        opt.averaged_params()
+
+
+def test_replacement_detected_only_on_steps_that_update():
+    # No average due at step 2: the step runs (nothing reads the stale memory); step 3 raises.
+    model, opt = _model_and_opt(SWA(every=3))
+    _step(model, opt)
+    model.weight.data = model.weight.data.clone()
+    _step(model, opt)
+    assert opt.step_count == 2
+    with pytest.raises(RuntimeError, match="replaced"):
+        _step(model, opt)
+    assert opt.step_count == 2
+
+
+def test_parameter_names_from_named_parameters_appear_in_errors():
+    model = torch.nn.Linear(3, 2)
+    avg = fastavg.Averager(model.named_parameters(), "ema")
+    model.bias.data = torch.zeros(2)
+    with pytest.raises(RuntimeError, match="'bias'"):
+        avg.step()

@@ -1,0 +1,183 @@
+"""AveragedOptimizer / wrap(): a torch.optim.Optimizer that behaves exactly like the one it wraps."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import fastavg
+from fastavg import EMA, LAWA, SWA
+
+
+def _model(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).to(dtype)
+
+
+def _batch(step, dtype=torch.float32):
+    g = torch.Generator().manual_seed(step)
+    return torch.randn(5, 6, generator=g).to(dtype)
+
+
+def _pair(make_opt, averaging="ema", **kw):
+    """Two identical models: one with the plain optimizer, one wrapped."""
+    plain_model = _model()
+    wrapped_model = copy.deepcopy(plain_model)
+    plain = make_opt(plain_model)
+    wrapped = fastavg.wrap(make_opt(wrapped_model), averaging, **kw)
+    return (plain_model, plain), (wrapped_model, wrapped)
+
+
+def _same_params(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+def test_is_an_optimizer_sharing_the_inner_objects(backend):
+    inner = torch.optim.AdamW(_model().parameters(), lr=0.1)
+    opt = fastavg.wrap(inner, "ema", backend=backend)
+    assert isinstance(opt, torch.optim.Optimizer) and isinstance(opt, fastavg.AveragedOptimizer)
+    assert opt.optimizer is inner and opt.param_groups is inner.param_groups
+    assert opt.state is inner.state and opt.defaults is inner.defaults
+    inner.load_state_dict(inner.state_dict())  # rebinds inner.state / param_groups
+    assert opt.state is inner.state and opt.param_groups is inner.param_groups
+    assert isinstance(opt.averager, fastavg.Averager)
+    assert opt.names == ["ema"] and opt.step_count == 0 and "AdamW" in repr(opt)
+
+
+def test_wrap_argument_errors():
+    with pytest.raises(TypeError, match="torch.optim.Optimizer"):
+        fastavg.wrap(object())
+    opt = fastavg.wrap(torch.optim.SGD(_model().parameters(), lr=0.1))
+    with pytest.raises(TypeError, match="already"):
+        fastavg.wrap(opt)
+    with pytest.raises(RuntimeError, match="add_param_group"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(1))]})
+    with pytest.raises(ValueError, match="unknown averaging"):
+        fastavg.wrap(torch.optim.SGD(_model().parameters(), lr=0.1), "lookahead")
+    with pytest.raises(TypeError):
+        fastavg.wrap(torch.optim.SGD(_model().parameters(), lr=0.1), EMA(), decay=0.5)
+    wrapped = fastavg.wrap(torch.optim.SGD(_model().parameters(), lr=0.1), "lawa", window=5, every=200)
+    assert wrapped.averager.specs == {"lawa": LAWA(window=5, every=200)}
+
+
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+        lambda m: torch.optim.AdamW(m.parameters(), lr=0.01),
+        lambda m: torch.optim.AdamW(m.parameters(), lr=0.01, fused=True),
+        lambda m: torch.optim.Adam(m.parameters(), lr=0.01, foreach=False),
+    ],
+    ids=["sgd", "adamw", "adamw-fused", "adam-loop"],
+)
+def test_same_trajectory_with_scheduler_and_clipping(make_opt, backend):
+    (pm, po), (wm, wo) = _pair(make_opt, {"ema": EMA(0.9), "lawa": LAWA(2, every=3)}, backend=backend)
+    schedulers = [torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=30) for o in (po, wo)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. "lr_scheduler.step() before optimizer.step()"
+        for step in range(30):
+            for model, opt, sched in ((pm, po, schedulers[0]), (wm, wo, schedulers[1])):
+                model(_batch(step)).square().mean().backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+                opt.step()
+                opt.zero_grad()
+                sched.step()
+    assert _same_params(pm, wm)
+    assert po.param_groups[0]["lr"] == wo.param_groups[0]["lr"]
+    assert wo.step_count == 30 and wo.num_averaged("lawa") == 2
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_grad_scaler_matches_inner_optimizer_and_skipped_steps_do_not_count(fused):
+    (pm, po), (wm, wo) = _pair(lambda m: torch.optim.AdamW(m.parameters(), lr=0.01, fused=fused), SWA())
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**8) for _ in range(2)]
+    for step in range(12):
+        for model, opt, scaler in ((pm, po, scalers[0]), (wm, wo, scalers[1])):
+            loss = model(_batch(step)).square().mean()
+            scaler.scale(loss).backward()
+            if step in (3, 7):
+                next(model.parameters()).grad[0, 0] = float("inf")  # this step must be skipped
+            if step == 5:
+                scaler.unscale_(opt)  # unscale then clip, as in the AMP recipe
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+    assert _same_params(pm, wm)
+    assert scalers[0].get_scale() == scalers[1].get_scale() < 2.0**8
+    assert wo.step_count == 10 and wo.num_averaged() == 10
+    assert not hasattr(wo.optimizer, "grad_scale") and not hasattr(wo.optimizer, "found_inf")
+
+
+def test_closure_loss_is_returned():
+    model = _model()
+    opt = fastavg.wrap(torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=3), "ema")
+
+    def closure():
+        opt.zero_grad()
+        loss = model(_batch(0)).square().mean()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert isinstance(loss, torch.Tensor) and opt.step_count == 1
+    sgd = fastavg.wrap(torch.optim.SGD(model.parameters(), lr=0.1))
+    assert sgd.step() is None
+
+
+def test_zero_grad_forwards_set_to_none():
+    model = _model()
+    opt = fastavg.wrap(torch.optim.SGD(model.parameters(), lr=0.1))
+    model(_batch(0)).sum().backward()
+    opt.zero_grad(set_to_none=False)
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_step_hooks_registered_on_the_wrapper_run():
+    model = _model()
+    opt = fastavg.wrap(torch.optim.SGD(model.parameters(), lr=0.1))
+    calls = []
+    opt.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
+    opt.step()
+    assert calls == ["pre", "post"]
+
+
+def test_several_param_groups_and_dtypes(backend):
+    torch.manual_seed(0)
+    body = torch.nn.Linear(4, 4).to(torch.bfloat16)
+    head = torch.nn.Linear(4, 2)
+    groups = [{"params": body.parameters(), "lr": 0.05}, {"params": head.parameters(), "lr": 0.01, "weight_decay": 0.0}]
+    opt = fastavg.wrap(torch.optim.AdamW(groups), {"ema": EMA(0.8), "swa": SWA()}, backend=backend)
+    assert len(opt.averager._groups) == 2
+    for step in range(6):
+        x = _batch(step)[:, :4]
+        head(body(x.bfloat16()).float()).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    ema = opt.averaged_params("ema")
+    assert [e.dtype for e in ema] == [torch.float32] * 4
+    weights = [p.detach().clone() for p in (*body.parameters(), *head.parameters())]
+    with opt.averaged("ema"):
+        assert torch.equal(body.weight.detach(), ema[0].bfloat16()) and torch.equal(head.bias.detach(), ema[3])
+    assert all(torch.equal(a, b.detach()) for a, b in zip(weights, (*body.parameters(), *head.parameters())))
+
+
+def test_compiled_model_sees_the_average():
+    model = _model()
+    compiled = torch.compile(model, backend="aot_eager")
+    opt = fastavg.wrap(torch.optim.SGD(model.parameters(), lr=0.2), EMA(0.5))
+    for step in range(4):
+        compiled(_batch(step)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    x = _batch(100)
+    raw = compiled(x)
+    with opt.averaged():
+        averaged = compiled(x)
+        torch.testing.assert_close(averaged, model(x))
+    assert not torch.equal(raw, averaged)
+    assert torch.equal(compiled(x), raw)

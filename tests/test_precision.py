@@ -1,0 +1,129 @@
+"""API.md's Precision section: average dtypes, and accuracy over long runs against float64."""
+
+from collections import deque
+
+import pytest
+import torch
+from conftest import reference
+from helpers import make_params, run
+
+import fastavg
+from fastavg import EMA, LAWA, SWA
+
+
+@pytest.mark.parametrize(
+    "param_dtype, expected",
+    [
+        (torch.float16, torch.float32),
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.float32),
+        (torch.float64, torch.float64),
+    ],
+)
+def test_default_average_dtype(param_dtype, expected, backend):
+    params = make_params([(3,)], param_dtype)
+    avg = fastavg.Averager(params, "ema", backend=backend)
+    avg.step()
+    assert avg.averaged_params()[0].dtype == expected
+
+
+def test_dtype_may_be_wider():
+    avg = fastavg.Averager(make_params([(3,)], torch.bfloat16), "swa", dtype=torch.float64)
+    avg.step()
+    assert avg.averaged_params()[0].dtype == torch.float64
+
+
+@pytest.mark.parametrize(
+    "param_dtype, dtype",
+    [(torch.float32, torch.bfloat16), (torch.float64, torch.float32), (torch.bfloat16, torch.float16)],
+)
+def test_narrower_dtype_raises_value_error(param_dtype, dtype):
+    with pytest.raises(ValueError, match="narrower"):
+        fastavg.Averager(make_params([(3,)], param_dtype), "ema", dtype=dtype)
+
+
+def test_non_floating_dtype_raises():
+    with pytest.raises(ValueError, match="floating"):
+        fastavg.Averager(make_params([(3,)]), "ema", dtype=torch.int32)
+    with pytest.raises(TypeError, match="dtype"):
+        fastavg.Averager(make_params([(3,)]), "ema", dtype="float32")
+
+
+def test_bf16_weights_keep_fp32_ema_that_does_not_round_away(backend):
+    # The stock AveragedModel on bf16 weights keeps bf16 averages: 1000 updates at decay 0.999
+    # from 1.0 toward 1.5 stay at 1.0. In float32 the average moves as the formula says.
+    p = torch.nn.Parameter(torch.ones(8, dtype=torch.bfloat16))
+    avg = fastavg.Averager([p], EMA(decay=0.999), backend=backend)
+    avg.step()
+    with torch.no_grad():
+        p.fill_(1.5)
+    for _ in range(1000):
+        avg.step()
+    expected = 1.0 * 0.999**1000 + 1.5 * (1 - 0.999**1000)
+    got = avg.averaged_params()[0]
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, torch.full((8,), expected, dtype=torch.float32), rtol=1e-5, atol=1e-5)
+
+
+def _random_walk(numel: int, steps: int, seed: int = 0):
+    """Parameter values of a slowly drifting run, ``steps`` rows, generated in float64."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(numel, generator=g, dtype=torch.float64)
+    noise = torch.randn(steps, numel, generator=g, dtype=torch.float64) * 0.1
+    return (base + noise.cumsum(0) * 0.01 + noise).float()
+
+
+def test_lawa_has_no_drift_over_100k_due_steps(backend):
+    steps, window = 100_000, 5
+    values = _random_walk(64, steps)
+    p = torch.nn.Parameter(values[0].clone())
+    avg = fastavg.Averager([p], LAWA(window=window, every=1), backend=backend)
+    recent = deque(maxlen=window)
+    worst = 0.0
+    for t in range(steps):
+        with torch.no_grad():
+            p.copy_(values[t])
+        avg.step()
+        recent.append(values[t].double())
+        if t % 97 == 0 or t >= steps - 3 * window:  # every 97th step and the whole end of the run
+            expected = torch.stack(list(recent)).mean(0)
+            err = (avg.averaged_params()[0].double() - expected).abs().max() / expected.abs().max()
+            worst = max(worst, err.item())
+    assert worst <= 1e-6, worst
+
+
+@pytest.mark.parametrize("spec", [SWA(), EMA(decay=0.999)], ids=repr)
+def test_ema_swa_no_worse_than_fp32_running_update_over_100k_steps(spec, backend):
+    steps = 100_000
+    values = _random_walk(64, steps, seed=1)
+    p = torch.nn.Parameter(values[0].clone())
+    avg = fastavg.Averager([p], spec, backend=backend)
+    running = torch.empty(64)  # what torch.optim.swa_utils does: one float32 running update
+    exact = torch.empty(64, dtype=torch.float64)
+    for t in range(steps):
+        with torch.no_grad():
+            p.copy_(values[t])
+        avg.step()
+        j = t + 1
+        w = spec.weight(j)
+        if j == 1:
+            running.copy_(values[t])
+            exact.copy_(values[t])
+        else:
+            running.add_((values[t] - running) * w)
+            exact.mul_(1 - w).add_(values[t].double() * w)
+    scale = exact.abs().max()
+    ours = (avg.averaged_params()[0].double() - exact).abs().max() / scale
+    stock = (running.double() - exact).abs().max() / scale
+    assert ours <= max(2 * stock, 2e-6), (ours, stock)
+    assert ours <= 1e-4
+
+
+def test_mixed_dtypes_on_one_device_form_separate_groups(backend):
+    params = make_params([(4,), (3,)], torch.bfloat16) + make_params([(5,)], torch.float32, seed=3)
+    avg = fastavg.Averager(params, SWA(), backend=backend)
+    snaps = run(avg, params, 6)["swa"]
+    got = avg.averaged_params()
+    assert [g.dtype for g in got] == [torch.float32] * 3
+    for i in range(3):
+        torch.testing.assert_close(got[i].double(), reference(SWA(), [s[i] for s in snaps]), rtol=1e-6, atol=1e-6)

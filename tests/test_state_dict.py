@@ -1,0 +1,236 @@
+"""state_dict() / load_state_dict(): round trips, bit-exact resume, validation before any change."""
+
+import copy
+import io
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import CPU_BACKENDS
+
+import fastavg
+from fastavg import EMA, LAWA, SWA
+
+SPECS = {"ema": EMA(0.9, power=0.7), "swa": SWA(start=2), "lawa": LAWA(window=3, every=2)}
+
+
+def _setup(backend="torch", specs=SPECS, seed=0, hidden=6):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, 2))
+    inner = torch.optim.AdamW(model.parameters(), lr=0.05)
+    return model, fastavg.wrap(inner, specs, backend=backend)
+
+
+def _train(model, opt, first, last):
+    for step in range(first, last):
+        g = torch.Generator().manual_seed(step)  # the data depends on the step only
+        x = torch.randn(8, 4, generator=g)
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _roundtrip(sd):
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def _snapshot(model, opt):
+    return [p.detach().clone() for p in model.parameters()], {n: opt.averaged_params(n) for n in opt.names}
+
+
+def _assert_identical(a, b):
+    params_a, avgs_a = a
+    params_b, avgs_b = b
+    assert all(torch.equal(x, y) for x, y in zip(params_a, params_b))
+    for name in avgs_a:
+        assert all(torch.equal(x, y) for x, y in zip(avgs_a[name], avgs_b[name])), name
+
+
+@pytest.mark.parametrize("save_backend", CPU_BACKENDS)
+def test_resume_is_bit_exact(save_backend, backend):
+    model, opt = _setup(save_backend)
+    _train(model, opt, 0, 20)
+    uninterrupted = _snapshot(model, opt)
+
+    model, opt = _setup(save_backend)
+    _train(model, opt, 0, 9)
+    checkpoint = _roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})
+    model2, opt2 = _setup(backend, seed=123)  # fresh objects, other initial values
+    model2.load_state_dict(checkpoint["model"])
+    opt2.load_state_dict(checkpoint["opt"])
+    assert opt2.step_count == 9
+    assert [opt2.num_averaged(n) for n in opt2.names] == [opt.num_averaged(n) for n in opt.names]
+    _train(model2, opt2, 9, 20)
+    _assert_identical(_snapshot(model2, opt2), uninterrupted)
+
+
+def test_resume_in_a_fresh_process_is_bit_exact(tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        sys.path.insert(0, {str(__import__("pathlib").Path(__file__).parent)!r})
+        from test_state_dict import _setup, _train
+        model, opt = _setup()
+        ck = torch.load(sys.argv[1], weights_only=True)
+        model.load_state_dict(ck["model"]); opt.load_state_dict(ck["opt"])
+        _train(model, opt, 9, 20)
+        torch.save({{"params": [p.detach() for p in model.parameters()],
+                    "avgs": {{n: opt.averaged_params(n) for n in opt.names}}}}, sys.argv[2])
+        """
+    )
+    model, opt = _setup()
+    _train(model, opt, 0, 9)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ck.pt")
+    _train(model, opt, 9, 20)
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "ck.pt"), str(tmp_path / "out.pt")], check=True)
+    out = torch.load(tmp_path / "out.pt", weights_only=True)
+    _assert_identical((out["params"], out["avgs"]), _snapshot(model, opt))
+
+
+def test_state_dict_layout():
+    model, opt = _setup()
+    _train(model, opt, 0, 5)
+    sd = opt.state_dict()
+    assert set(sd) == {"state", "param_groups", "fastavg"}
+    fa = sd["fastavg"]
+    assert fa["version"] == 1 and fa["step"] == 5
+    assert set(fa["averages"]) == set(SPECS)
+    lawa = fa["averages"]["lawa"]
+    assert lawa["kind"] == "lawa" and lawa["n"] == 2 and lawa["ring_pos"] == 2
+    assert lawa["spec"] == {"window": 3, "every": 2, "start": 0}
+    assert [t.shape for t in lawa["tensors"]] == [(3, *p.shape) for p in model.parameters()]
+    assert [t.shape for t in fa["averages"]["ema"]["tensors"]] == [p.shape for p in model.parameters()]
+
+
+def _unchanged(model, opt, action):
+    before_sd = copy.deepcopy(opt.state_dict())
+    before = _snapshot(model, opt)
+    action()
+    _assert_identical(_snapshot(model, opt), before)
+    after_sd = opt.state_dict()
+    assert after_sd["fastavg"]["step"] == before_sd["fastavg"]["step"]
+    assert str(after_sd["state"]) == str(before_sd["state"])
+
+
+@pytest.mark.parametrize(
+    "other, message",
+    [
+        (lambda: _setup(hidden=5), "shape"),
+        (lambda: _setup(specs={"ema": EMA(0.9), "swa": SWA(start=2)}), "averages"),
+        (lambda: _setup(specs={**SPECS, "lawa": SWA()}), "'lawa'"),
+        (lambda: _setup(specs={**SPECS, "lawa": LAWA(window=4, every=2)}), "window"),
+    ],
+    ids=["shapes", "names", "kinds", "window"],
+)
+def test_mismatch_raises_and_leaves_everything_unchanged(other, message):
+    model, opt = _setup()
+    _train(model, opt, 0, 6)
+    other_model, other_opt = other()
+    _train(other_model, other_opt, 0, 3)
+    sd = _roundtrip(other_opt.state_dict())
+
+    def load():
+        with pytest.raises(ValueError, match=message):
+            opt.load_state_dict(sd)
+
+    _unchanged(model, opt, load)
+
+
+def test_bad_version_and_corrupt_entries_raise_before_change():
+    model, opt = _setup()
+    _train(model, opt, 0, 4)
+    for corrupt in (
+        lambda sd: sd["fastavg"].update(version=99),
+        lambda sd: sd["fastavg"].update(step=-1),
+        lambda sd: sd["fastavg"]["averages"]["ema"].update(n="3"),
+        lambda sd: sd["fastavg"]["averages"]["lawa"].update(ring_pos=7),
+        lambda sd: sd["fastavg"]["averages"]["swa"]["tensors"].pop(),
+        lambda sd: sd["fastavg"]["averages"]["swa"]["tensors"].__setitem__(0, torch.zeros(1)),
+    ):
+        sd = copy.deepcopy(opt.state_dict())
+        corrupt(sd)
+
+        def load(sd=sd):
+            with pytest.raises(ValueError):
+                opt.load_state_dict(sd)
+
+        _unchanged(model, opt, load)
+
+
+def test_inner_optimizer_mismatch_leaves_averages_unchanged():
+    model, opt = _setup()
+    _train(model, opt, 0, 4)
+    sd = copy.deepcopy(opt.state_dict())
+    sd["param_groups"][0]["params"] = sd["param_groups"][0]["params"][:-1]
+
+    def load():
+        with pytest.raises(ValueError):
+            opt.load_state_dict(sd)
+
+    _unchanged(model, opt, load)
+
+
+def test_other_hyper_parameters_warn_and_own_specs_apply():
+    model, opt = _setup()
+    _train(model, opt, 0, 6)
+    sd = _roundtrip(opt.state_dict())
+    mine = {"ema": EMA(0.5), "swa": SWA(start=2, every=3), "lawa": LAWA(window=3, every=5)}
+    model2, opt2 = _setup(specs=mine)
+    with pytest.warns(UserWarning, match="decay"):
+        opt2.load_state_dict(sd)
+    assert opt2.averager.specs == mine
+    assert opt2.step_count == 6
+    assert all(torch.equal(a, b) for a, b in zip(opt2.averaged_params("swa"), opt.averaged_params("swa")))
+
+
+def test_plain_optimizer_state_dict_loads_with_warning():
+    model, opt = _setup()
+    _train(model, opt, 0, 5)
+    plain = opt.optimizer.state_dict()
+    model2, opt2 = _setup()
+    _train(model2, opt2, 0, 3)
+    with pytest.warns(UserWarning, match="afresh"):
+        opt2.load_state_dict(plain)
+    assert opt2.step_count == 0 and all(opt2.num_averaged(n) == 0 for n in opt2.names)
+    assert str(opt2.optimizer.state_dict()["state"]) == str(plain["state"])
+
+
+def test_averager_state_dict_round_trip(backend):
+    params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(5, dtype=torch.float64))]
+    avg = fastavg.Averager(params, SPECS, backend=backend)
+    for _ in range(7):
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn_like(p))
+        avg.step()
+    sd = _roundtrip(avg.state_dict())
+    fresh = fastavg.Averager(params, SPECS, backend=backend)
+    fresh.load_state_dict(sd)
+    assert fresh.step_count == 7
+    for name in SPECS:
+        assert all(torch.equal(a, b) for a, b in zip(fresh.averaged_params(name), avg.averaged_params(name)))
+    with pytest.raises(TypeError):
+        fresh.load_state_dict([1])
+
+
+@pytest.mark.cuda
+def test_state_dict_moves_between_cuda_and_cpu():
+    model, opt = _setup()
+    _train(model, opt, 0, 6)
+    sd = _roundtrip(opt.state_dict())
+    model_gpu = copy.deepcopy(model).cuda()
+    opt_gpu = fastavg.wrap(torch.optim.AdamW(model_gpu.parameters(), lr=0.05), SPECS)
+    opt_gpu.load_state_dict(sd)
+    for name in SPECS:
+        for a, b in zip(opt_gpu.averaged_params(name), opt.averaged_params(name)):
+            assert a.is_cuda and torch.equal(a.cpu(), b)
+    back = _roundtrip(opt_gpu.state_dict())
+    model3, opt3 = _setup()
+    opt3.load_state_dict(back)
+    for name in SPECS:
+        assert all(torch.equal(a, b) for a, b in zip(opt3.averaged_params(name), opt.averaged_params(name)))
