@@ -35,7 +35,9 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=2000)
     args = parser.parse_args()
-    params = [torch.nn.Parameter(torch.zeros(min(64, s[0]), device=args.device, dtype=torch.bfloat16)) for s in gpt2_shapes()]
+    params = [
+        torch.nn.Parameter(torch.zeros(min(64, s[0]), device=args.device, dtype=torch.bfloat16)) for s in gpt2_shapes()
+    ]
     rows = {
         "step, nothing due": fastavg.Averager(params, fastavg.EMA(every=10**9), backend=args.backend).step,
         "parameter check (148 tensors)": fastavg.Averager(params, "ema", backend=args.backend).check_params,
