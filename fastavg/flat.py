@@ -118,16 +118,30 @@ class FlatGroup:
         self.device = params[0].device
         self.dtype = params[0].dtype
         self.average_dtype = average_dtype
-        # Views share the parameters' storage, which also keeps that memory alive: a replaced
-        # parameter's new storage can never reuse the old address and pass the pointer check.
-        self.flat_params = [memory_view(p) for p in params]
+        self._bind()
         self.numels = [p.numel() for p in params]
         self.offsets = [0]
         for n in self.numels:
             self.offsets.append(self.offsets[-1] + n)
         self.numel = self.offsets[-1]
-        self._ptrs = list(map(_data_ptr, params))
-        self._shapes = list(map(_shape, params))
+
+    def _bind(self) -> None:
+        """Views of the parameters and the snapshot that detects their replacement."""
+        # Views share the parameters' storage, which also keeps that memory alive: a replaced
+        # parameter's new storage can never reuse the old address and pass the pointer check.
+        # detach(): same storage and version counter, no autograd history.
+        self.flat_params = [memory_view(p.detach()) for p in self.params]
+        self._ptrs = list(map(_data_ptr, self.params))
+        self._shapes = list(map(_shape, self.params))
+
+    def __getstate__(self) -> dict:
+        # Copies and pickles rebuild the views from the (copied) parameters: Parameter.__deepcopy__
+        # clones its data, so copied views would no longer alias them, and pointers mean nothing there.
+        return {k: v for k, v in self.__dict__.items() if k not in ("flat_params", "_ptrs", "_shapes")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._bind()
 
     def check_unchanged(self) -> None:
         """Raise RuntimeError naming a parameter whose storage or shape was replaced after wrapping."""

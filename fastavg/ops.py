@@ -79,6 +79,10 @@ class Backend:
         else:
             self.impls[op](*args)
 
+    def __reduce__(self):
+        # Backends are per-process singletons holding op handles: copies and pickles refer by name.
+        return (backend_by_name, (self.name,))
+
 
 _BACKENDS: dict[str, Backend] = {}
 _UNBUILT: dict[str, str] = {
@@ -91,6 +95,12 @@ BACKEND_NAMES = ("torch", "triton", "native")
 def add_backend(backend: Backend) -> None:
     """Make ``backend`` selectable by name."""
     _BACKENDS[backend.name] = backend
+
+
+def backend_by_name(name: str) -> Backend:
+    """The registered backend called ``name``."""
+    _load_backends()
+    return _BACKENDS[name]
 
 
 def _device_type(device) -> str:

@@ -148,6 +148,14 @@ class AveragedOptimizer(torch.optim.Optimizer):
         self.optimizer.load_state_dict(inner)  # validates itself before changing anything
         state.apply(self.averager, plan)
 
+    def __getstate__(self) -> dict:
+        # Optimizer.__getstate__ keeps only defaults/state/param_groups; the wrapper is its __dict__.
+        return self.__dict__.copy()
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._patch_step_function()
+
     def __repr__(self) -> str:
         return f"AveragedOptimizer({self.optimizer!r}, {self.averager!r})"
 

@@ -168,7 +168,7 @@ def test_several_param_groups_and_dtypes(backend):
 
 def test_compiled_model_sees_the_average():
     model = _model()
-    compiled = torch.compile(model, backend="aot_eager")
+    compiled = torch.compile(model)  # inductor: generated C++ reads the parameters by address
     opt = fastavg.wrap(torch.optim.SGD(model.parameters(), lr=0.2), EMA(0.5))
     for step in range(4):
         compiled(_batch(step)).square().mean().backward()
@@ -181,3 +181,38 @@ def test_compiled_model_sees_the_average():
         torch.testing.assert_close(averaged, model(x))
     assert not torch.equal(raw, averaged)
     assert torch.equal(compiled(x), raw)
+
+
+def test_several_due_averages_are_one_op_call_per_group(monkeypatch, backend):
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2, dtype=torch.float64))]
+    opt = fastavg.wrap(
+        torch.optim.SGD(params, lr=0.1), {"e": EMA(0.9), "s": SWA(), "l": LAWA(2, every=1)}, backend=backend
+    )
+    impls = opt.averager._backends[0].impls
+    calls = []
+    real = impls["update_"]
+    monkeypatch.setitem(impls, "update_", lambda *args: calls.append(args) or real(*args))
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert len(calls) == 2  # two groups (float32, float64), each one call for all three averages
+    assert all(len(args[1]) == 2 and len(args[3]) == 1 for args in calls)
+
+
+def test_deepcopy_gives_an_independent_working_copy():
+    model = _model()
+    opt = fastavg.wrap(torch.optim.AdamW(model.parameters(), lr=0.01), {"e": EMA(0.5), "l": LAWA(2, every=1)})
+    model(_batch(0)).square().mean().backward()
+    opt.step()
+    model2, opt2 = copy.deepcopy((model, opt))
+    assert opt2.param_groups[0]["params"][0] is next(model2.parameters())
+    for m, o in ((model, opt), (model2, opt2)):
+        o.zero_grad()
+        m(_batch(1)).square().mean().backward()
+        o.step()
+    assert _same_params(model, model2) and opt2.step_count == 2
+    assert all(torch.equal(a, b) for a, b in zip(opt.averaged_params("e"), opt2.averaged_params("e")))
+    with opt2.averaged("l"):
+        assert torch.equal(next(model2.parameters()).detach(), opt2.averaged_params("l")[0])
+        assert not torch.equal(next(model.parameters()), next(model2.parameters()))
