@@ -9,7 +9,6 @@ import torch
 
 from . import state
 from .flat import collect_params, make_groups
-from .ops import resolve_backend
 from .specs import LAWA, Spec, num_averaged, parse_averaging
 
 
@@ -41,8 +40,7 @@ class Averager:
     def __init__(self, params, averaging="ema", *, backend="auto", dtype=None, **spec_kwargs):
         specs = parse_averaging(averaging, spec_kwargs)
         tensors, names = collect_params(params)
-        self._groups = make_groups(tensors, names, dtype)
-        self._backends = [resolve_backend(backend, g.device.type) for g in self._groups]
+        self._groups = make_groups(tensors, names, dtype, backend)
         self._param_names = names
         self._averages = {name: _Average(name, spec, self._groups) for name, spec in specs.items()}
         self._t = 0
@@ -67,7 +65,7 @@ class Averager:
     @property
     def backends(self) -> list[str]:
         """The backend that runs each flat group."""
-        return [b.name for b in self._backends]
+        return [g.backend.name for g in self._groups]
 
     def num_averaged(self, name: str | None = None) -> int:
         """Snapshots in average ``name``: 0 before its first due step, then n (LAWA: min(n, window))."""
@@ -92,6 +90,7 @@ class Averager:
         if self._open:
             raise RuntimeError("step() called inside averaged(): the parameters hold an average; leave the block first")
 
+    @torch.compiler.disable  # host-side schedule: see AveragedOptimizer._before_inner_step
     def step(self) -> None:
         """One training step happened: advance ``t`` and update every average due at it."""
         self.check_can_step()
@@ -115,10 +114,11 @@ class Averager:
         slots = [a.spec.slot(a.n) for a in rings]
         with torch.no_grad():
             # One op call per group, whatever the number and kinds of due averages.
-            for gi, (group, backend) in enumerate(zip(self._groups, self._backends)):
-                backend.call(
+            for gi, group in enumerate(self._groups):
+                group.backend.call(
                     "update_",
                     group.flat_params,
+                    group.table,
                     [a.buffers[gi] for a in lerped],
                     weights,
                     [a.buffers[gi] for a in rings],
@@ -149,19 +149,14 @@ class Averager:
         try:
             if average.count() > 0:
                 with torch.no_grad():
-                    for gi, (group, backend) in enumerate(zip(self._groups, self._backends)):
+                    for gi, group in enumerate(self._groups):
                         backup = torch.empty(group.numel, dtype=group.dtype, device=group.device)
+                        place = (group.flat_params, group.table, backup)
                         if average.is_ring:
-                            args = (
-                                group.flat_params,
-                                backup,
-                                average.buffers[gi],
-                                average.count(),
-                                group.average_dtype,
-                            )
-                            backend.call("swap_in_ring_", *args)
+                            ring_args = (average.buffers[gi], average.count(), group.average_dtype)
+                            group.backend.call("swap_in_ring_", *place, *ring_args)
                         else:
-                            backend.call("swap_in_", group.flat_params, backup, average.buffers[gi])
+                            group.backend.call("swap_in_", *place, average.buffers[gi])
                         swapped.append((gi, backup))
             yield
         finally:
@@ -169,7 +164,8 @@ class Averager:
             # gets its training values back before anything else happens.
             with torch.no_grad():
                 for gi, backup in swapped:
-                    self._backends[gi].call("restore_", self._groups[gi].flat_params, backup)
+                    group = self._groups[gi]
+                    group.backend.call("restore_", group.flat_params, group.table, backup)
             self._open = False
 
     def _average_flat(self, average: _Average, gi: int) -> torch.Tensor:
@@ -181,7 +177,7 @@ class Averager:
                 # Before the first due step the average is the parameters themselves.
                 torch._foreach_copy_(out.split(group.numels), group.flat_params)
             elif average.is_ring:
-                self._backends[gi].call("ring_mean_", out, average.buffers[gi], average.count())
+                group.backend.call("ring_mean_", out, average.buffers[gi], average.count())
             else:
                 out.copy_(average.buffers[gi])
         return out

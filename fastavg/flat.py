@@ -111,33 +111,37 @@ def check_average_dtype(dtype, param_dtypes: Iterable[torch.dtype]) -> None:
 class FlatGroup:
     """The parameters of one (device, dtype) and their place in the group's flat vector."""
 
-    def __init__(self, params: list[torch.Tensor], names: list[str], index: list[int], average_dtype: torch.dtype):
+    def __init__(
+        self, params: list[torch.Tensor], names: list[str], index: list[int], average_dtype: torch.dtype, backend
+    ):
         self.params = params
+        self.backend = backend
         self.names = names
         self.index = index  # position of each parameter in the averager's parameter order
         self.device = params[0].device
         self.dtype = params[0].dtype
         self.average_dtype = average_dtype
-        self._bind()
         self.numels = [p.numel() for p in params]
         self.offsets = [0]
         for n in self.numels:
             self.offsets.append(self.offsets[-1] + n)
         self.numel = self.offsets[-1]
+        self._bind()
 
     def _bind(self) -> None:
-        """Views of the parameters and the snapshot that detects their replacement."""
+        """Views of the parameters, the backend's table of them, and the snapshot that detects their replacement."""
         # Views share the parameters' storage, which also keeps that memory alive: a replaced
         # parameter's new storage can never reuse the old address and pass the pointer check.
         # detach(): same storage and version counter, no autograd history.
         self.flat_params = [memory_view(p.detach()) for p in self.params]
         self._ptrs = list(map(_data_ptr, self.params))
         self._shapes = list(map(_shape, self.params))
+        self.table = self.backend.make_table(self)
 
     def __getstate__(self) -> dict:
         # Copies and pickles rebuild the views from the (copied) parameters: Parameter.__deepcopy__
         # clones its data, so copied views would no longer alias them, and pointers mean nothing there.
-        return {k: v for k, v in self.__dict__.items() if k not in ("flat_params", "_ptrs", "_shapes")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("flat_params", "_ptrs", "_shapes", "table")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -165,8 +169,10 @@ class FlatGroup:
         )
 
 
-def make_groups(params: list[torch.Tensor], names: list[str], dtype) -> list[FlatGroup]:
-    """One FlatGroup per (device, dtype), in order of first appearance."""
+def make_groups(params: list[torch.Tensor], names: list[str], dtype, backend: str) -> list[FlatGroup]:
+    """One FlatGroup per (device, dtype), in order of first appearance, each with its backend."""
+    from .ops import resolve_backend  # ops imports backends, which may import this module
+
     check_average_dtype(dtype, {p.dtype for p in params})
     members: dict[tuple, list[int]] = {}
     for i, p in enumerate(params):
@@ -177,6 +183,7 @@ def make_groups(params: list[torch.Tensor], names: list[str], dtype) -> list[Fla
             [names[i] for i in index],
             index,
             dtype or default_average_dtype(param_dtype),
+            resolve_backend(backend, device.type),
         )
-        for (_, param_dtype), index in members.items()
+        for (device, param_dtype), index in members.items()
     ]

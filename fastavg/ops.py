@@ -2,8 +2,10 @@
 
 Every op works on ONE flat group (parameters of one device and dtype). ``params`` are the group's
 parameters as 1-D views in memory order; their concatenation is the group's flat parameter vector
-``p`` of ``N`` elements. Averages are flat ``(N,)`` buffers, LAWA rings ``(window, N)`` buffers in
-the parameter dtype.
+``p`` of ``N`` elements. ``table`` is the backend's description of where they live, built once per
+group by ``Backend.make_table`` (kernels read the parameters through its pointers; the torch
+backend needs none and gets an empty tensor). Averages are flat ``(N,)`` buffers, LAWA rings
+``(window, N)`` buffers in the parameter dtype.
 
 - ``update_``: for every ``(avg, w)``: ``avg.lerp_(p, w)`` in the averages' dtype; w == 1 is a
   copy that never reads ``avg`` (a first update must not keep a NaN left in the buffer); for every ``(ring, slot)``: ``ring[slot] = p``. One read of ``p`` serves them all.
@@ -25,10 +27,10 @@ from dataclasses import dataclass, field
 import torch
 
 SCHEMAS: dict[str, str] = {
-    "update_": "(Tensor[] params, Tensor(a!)[] averages, float[] weights, Tensor(b!)[] rings, int[] slots) -> ()",
-    "swap_in_": "(Tensor(a!)[] params, Tensor(b!) backup, Tensor average) -> ()",
-    "swap_in_ring_": "(Tensor(a!)[] params, Tensor(b!) backup, Tensor ring, int count, ScalarType dtype) -> ()",
-    "restore_": "(Tensor(a!)[] params, Tensor backup) -> ()",
+    "update_": "(Tensor[] params, Tensor table, Tensor(a!)[] averages, float[] weights, Tensor(b!)[] rings, int[] slots) -> ()",
+    "swap_in_": "(Tensor(a!)[] params, Tensor table, Tensor(b!) backup, Tensor average) -> ()",
+    "swap_in_ring_": "(Tensor(a!)[] params, Tensor table, Tensor(b!) backup, Tensor ring, int count, ScalarType dtype) -> ()",
+    "restore_": "(Tensor(a!)[] params, Tensor table, Tensor backup) -> ()",
     "ring_mean_": "(Tensor(a!) out, Tensor ring, int count) -> ()",
 }
 
@@ -67,8 +69,8 @@ class Backend:
     impls: dict[str, Callable]
     ops: dict[str, Callable]
     unavailable: Callable[[str], str | None]  # device type -> None, or why the backend cannot run there
-    speed_rank: int = 0  # "auto" picks the available backend with the highest rank
-    extra: dict = field(default_factory=dict)
+    make_table: Callable  # FlatGroup -> the table tensor its ops take (built once per group)
+    speed_rank: dict[str, int] = field(default_factory=dict)  # device type -> rank; "auto" takes the highest
 
     def call(self, op: str, *args) -> None:
         """Run ``op``: the implementation directly in eager mode, the registered op when compiling."""
@@ -86,7 +88,6 @@ class Backend:
 
 _BACKENDS: dict[str, Backend] = {}
 _UNBUILT: dict[str, str] = {
-    "triton": "the Triton backend is not part of this version of fastavg (use backend='torch')",
     "native": "the native (C++/CUDA) backend is not part of this version of fastavg (use backend='torch')",
 }
 BACKEND_NAMES = ("torch", "triton", "native")
@@ -133,7 +134,7 @@ def resolve_backend(name: str, device_type: str) -> Backend:
     reasons = available_backends(device_type)
     if name == "auto":
         usable = [_BACKENDS[n] for n, why in reasons.items() if why is None]
-        return max(usable, key=lambda b: b.speed_rank)
+        return max(usable, key=lambda b: b.speed_rank.get(device_type, 0))
     if reasons[name] is not None:
         raise RuntimeError(f"backend {name!r} is not available for {device_type} tensors: {reasons[name]}")
     return _BACKENDS[name]
@@ -141,4 +142,4 @@ def resolve_backend(name: str, device_type: str) -> Backend:
 
 def _load_backends() -> None:
     # Imported here, not at module top: each backend module imports this one to register itself.
-    from . import torch_backend  # noqa: F401
+    from . import torch_backend, triton_backend  # noqa: F401

@@ -93,11 +93,7 @@ class AveragedOptimizer(torch.optim.Optimizer):
 
     def step(self, closure=None):
         """The inner optimizer's step, then the update of every average due at the new ``t``."""
-        averager = self.averager
-        averager.check_can_step()
-        due = averager.due_at(averager.step_count + 1)
-        if due:
-            averager.check_params()  # before the inner step runs and before t advances
+        self._before_inner_step()
         # GradScaler sets grad_scale / found_inf on the optimizer it was given (this wrapper) when
         # the inner one is fused; the fused step reads them from itself, so hand them on.
         amp = {name: self.__dict__[name] for name in _AMP_ATTRS if name in self.__dict__}
@@ -108,13 +104,28 @@ class AveragedOptimizer(torch.optim.Optimizer):
         finally:
             for name in amp:
                 self.optimizer.__dict__.pop(name, None)
-        found_inf = amp.get("found_inf")
+        self._after_inner_step(amp.get("found_inf"))
+        return loss
+
+    # The schedule is host-side bookkeeping: under torch.compile it stays out of the graph (a
+    # traced t or n would be guarded on and recompile as the schedule moves); the inner
+    # optimizer's step still compiles. The due list passes through self, not through the frame.
+    @torch.compiler.disable
+    def _before_inner_step(self) -> None:
+        averager = self.averager
+        averager.check_can_step()
+        self._due = averager.due_at(averager.step_count + 1)
+        if self._due:
+            averager.check_params()  # before the inner step runs and before t advances
+
+    @torch.compiler.disable
+    def _after_inner_step(self, found_inf) -> None:
+        due, self._due = self._due, None
         # A step GradScaler skips is no call (API.md). The fused path skips on the device, so the
         # only way to know is a host read; GradScaler's non-fused path makes the same read.
         if found_inf is not None and bool(found_inf.item()):
-            return loss
-        averager.advance(due)
-        return loss
+            return
+        self.averager.advance(due)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """The inner optimizer's ``zero_grad``."""

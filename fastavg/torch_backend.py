@@ -1,7 +1,8 @@
 """Backend "torch": the fused ops in plain PyTorch (foreach), the reference the kernels are tested against.
 
 Obviously correct first: each op is a handful of foreach calls over 1-D views of the flat
-buffers. It runs on any device torch supports and never syncs with the host.
+buffers. It runs on any device torch supports and never syncs with the host. It ignores the
+``table`` argument: it reaches the parameters through the tensors themselves.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ def _sizes(params: list[torch.Tensor]) -> list[int]:
     return [p.numel() for p in params]
 
 
-def update_(params, averages, weights, rings, slots) -> None:
+def update_(params, table, averages, weights, rings, slots) -> None:
     """``avg.lerp_(p, w)`` for every average, ``ring[slot] = p`` for every ring (see ops.py)."""
     sizes = _sizes(params)
     for ring, slot in zip(rings, slots):
@@ -40,7 +41,7 @@ def update_(params, averages, weights, rings, slots) -> None:
             torch._foreach_lerp_(average.split(sizes), source, weight)
 
 
-def swap_in_(params, backup, average) -> None:
+def swap_in_(params, table, backup, average) -> None:
     """``backup = p; p = average`` cast to the parameter dtype."""
     sizes = _sizes(params)
     torch._foreach_copy_(backup.split(sizes), params)
@@ -56,14 +57,14 @@ def ring_mean_(out, ring, count) -> None:
         out[start:end].copy_(ring[:count, start:end].to(torch.float64).sum(0).div_(count))
 
 
-def swap_in_ring_(params, backup, ring, count, dtype) -> None:
+def swap_in_ring_(params, table, backup, ring, count, dtype) -> None:
     """``backup = p; p = mean(ring[:count])`` rounded to ``dtype`` then to the parameter dtype."""
     mean = torch.empty(ring.shape[1], dtype=dtype, device=ring.device)
     ring_mean_(mean, ring, count)
-    swap_in_(params, backup, mean)
+    swap_in_(params, table, backup, mean)
 
 
-def restore_(params, backup) -> None:
+def restore_(params, table, backup) -> None:
     """``p = backup``, bit for bit."""
     torch._foreach_copy_(params, backup.split(_sizes(params)))
 
@@ -81,5 +82,8 @@ BACKEND = Backend(
     impls=IMPLS,
     ops=register_python_ops(NAMESPACES["torch"], IMPLS),
     unavailable=lambda device_type: None,
+    # The reference reads the parameters through the tensors themselves: no table.
+    make_table=lambda group: torch.empty(0, dtype=torch.int64, device=group.device),
+    speed_rank={"cpu": 0, "cuda": 0},
 )
 add_backend(BACKEND)

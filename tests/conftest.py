@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-import fastavg
+# Without a GPU, Triton's kernels run on CPU tensors in its interpreter; that is decided when the
+# kernels are defined, so it must be set before fastavg imports them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fastavg  # noqa: E402
 
 CPU_BACKENDS = [name for name, why in fastavg.available_backends("cpu").items() if why is None]
+# Without a GPU these are still collected (and skipped by the cuda marker), so they stay visible.
+CUDA_BACKENDS = (
+    [name for name, why in fastavg.available_backends("cuda").items() if why is None]
+    if torch.cuda.is_available()
+    else ["torch", "triton"]
+)
+TARGETS = [pytest.param((b, "cpu"), id=f"{b}-cpu") for b in CPU_BACKENDS] + [
+    pytest.param((b, "cuda"), id=f"{b}-cuda", marks=pytest.mark.cuda) for b in CUDA_BACKENDS
+]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -22,6 +38,12 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(params=CPU_BACKENDS)
 def backend(request) -> str:
     """Every backend usable on CPU tensors here (the contract suite runs once per backend)."""
+    return request.param
+
+
+@pytest.fixture(params=TARGETS)
+def target(request) -> tuple[str, str]:
+    """(backend, device) pairs: every CPU backend on the CPU, every CUDA backend on the GPU."""
     return request.param
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import reference
+from conftest import CUDA_BACKENDS, reference
 from helpers import run
 
 import fastavg
@@ -12,10 +12,15 @@ pytestmark = pytest.mark.cuda
 SPECS = {"ema": EMA(0.9, power=0.7), "swa": SWA(every=2), "lawa": LAWA(window=3, every=2)}
 
 
+@pytest.fixture(params=CUDA_BACKENDS)
+def cuda_backend(request):
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_cuda_matches_reference_and_restores(dtype):
+def test_cuda_matches_reference_and_restores(dtype, cuda_backend):
     params = [torch.nn.Parameter(torch.randn(s, device="cuda").to(dtype)) for s in [(1,), (7,), (4099,), (33, 5)]]
-    avg = fastavg.Averager(params, SPECS, backend="torch")
+    avg = fastavg.Averager(params, SPECS, backend=cuda_backend)
     snaps = run(avg, params, 13)
     for name, spec in SPECS.items():
         got = avg.averaged_params(name)
@@ -32,7 +37,7 @@ def test_cuda_matches_reference_and_restores(dtype):
 
 def test_parameters_on_cpu_and_cuda():
     params = [torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(6, device="cuda"))]
-    opt = fastavg.wrap(torch.optim.SGD(params, lr=0.1), SPECS)
+    opt = fastavg.wrap(torch.optim.SGD(params, lr=0.1), SPECS)  # auto: a backend per device
     for _ in range(4):
         for p in params:
             p.grad = torch.ones_like(p)
@@ -42,9 +47,14 @@ def test_parameters_on_cpu_and_cuda():
     assert got[0].device.type == "cpu" and got[1].is_cuda
 
 
-def test_no_host_sync_in_the_update_path():
-    params = [torch.nn.Parameter(torch.randn(1000, device="cuda")) for _ in range(4)]
-    avg = fastavg.Averager(params, SPECS, backend="torch")
+def test_auto_picks_the_fastest_cuda_backend():
+    avg = fastavg.Averager([torch.nn.Parameter(torch.randn(3, device="cuda"))], "ema")
+    assert avg.backends == [max(CUDA_BACKENDS, key=["torch", "triton", "native"].index)]
+
+
+def test_no_host_sync_in_the_update_path(cuda_backend):
+    params = [torch.nn.Parameter(torch.randn(1000, device="cuda").bfloat16()) for _ in range(4)]
+    avg = fastavg.Averager(params, SPECS, backend=cuda_backend)
     avg.step()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -52,3 +62,31 @@ def test_no_host_sync_in_the_update_path():
             avg.step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpt2_sized_update_matches_torch_backend(dtype, cuda_backend):
+    # Large tensors exercise the persistent grid (rows > programs) and 16-byte vector paths.
+    shapes = [(50257, 768), (1024, 768), (768,), (768, 2304), (2304,), (7,)]
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, device="cuda").to(dtype)) for s in shapes]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    mine = fastavg.Averager(params, SPECS, backend=cuda_backend)
+    ref = fastavg.Averager(twins, SPECS, backend="torch")
+    for _ in range(7):
+        with torch.no_grad():
+            for p, q in zip(params, twins):
+                noise = torch.randn_like(p, dtype=torch.float32).to(dtype)
+                p.add_(noise)
+                q.add_(noise)
+        mine.step()
+        ref.step()
+    tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    for name in SPECS:
+        for a, b in zip(mine.averaged_params(name), ref.averaged_params(name)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        with mine.averaged(name):
+            swapped = [p.detach().clone() for p in params]
+        with ref.averaged(name):
+            for a, b in zip(swapped, twins):
+                torch.testing.assert_close(a, b.detach(), **tol)  # the two may round an ulp apart

@@ -1,10 +1,12 @@
-"""Each fused op of every CPU backend against a direct float64 evaluation: odd sizes, every dtype,
-poisoned outputs, opcheck."""
+"""Each fused op of every backend against a direct float64 evaluation: odd sizes, every dtype,
+poisoned outputs, misaligned views, more averages than one launch takes, opcheck. CPU backends
+run here; the same tests run on CUDA tensors for the CUDA backends where a GPU exists."""
 
 import pytest
 import torch
 
 from fastavg import ops
+from fastavg.flat import FlatGroup, memory_view
 from fastavg.ops import resolve_backend
 
 SIZES = [[1], [7], [4099], [1, 7, 4099, 3], [2**20 + 3]]
@@ -12,9 +14,26 @@ PARAM_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 TOL = {torch.float32: dict(rtol=1.3e-6, atol=1e-6), torch.float64: dict(rtol=1e-12, atol=1e-12)}
 
 
-def _group(sizes, dtype, seed=0):
+def _params(sizes, dtype, device, seed=0, misaligned=False):
+    """Parameters of ``sizes``; misaligned ones are views one element into a larger buffer."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(n, generator=g, dtype=torch.float64).to(dtype) for n in sizes]
+    out = []
+    for n in sizes:
+        base = torch.randn(n + 1, generator=g, dtype=torch.float64).to(device, dtype)
+        out.append(base[1:] if misaligned else base[:n].clone())
+    return out
+
+
+def _bind(backend, params, device):
+    """(impls, flat params, table) of a group of ``params`` on ``backend``."""
+    names, index = [f"p{i}" for i in range(len(params))], list(range(len(params)))
+    group = FlatGroup(params, names, index, torch.float32, resolve_backend(backend, torch.device(device).type))
+    return group.backend.impls, group.flat_params, group.table
+
+
+def _randn(*shape, dtype=torch.float32, device="cpu", seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(device, dtype)
 
 
 def _avg_dtype(dtype):
@@ -25,109 +44,167 @@ def _poison(t):
     return t.fill_(float("nan"))
 
 
+@pytest.mark.parametrize("misaligned", [False, True], ids=["aligned", "misaligned"])
 @pytest.mark.parametrize("sizes", SIZES, ids=str)
 @pytest.mark.parametrize("dtype", PARAM_DTYPES, ids=str)
-def test_update_lerps_and_writes_ring_slots(sizes, dtype, backend):
-    params = _group(sizes, dtype)
+def test_update_lerps_and_writes_ring_slots(sizes, dtype, misaligned, target):
+    backend, dev = target
+    params = _params(sizes, dtype, dev, misaligned=misaligned)
+    impls, flat, table = _bind(backend, params, dev)
     n = sum(sizes)
     avg_dtype = _avg_dtype(dtype)
-    old = [torch.randn(n, dtype=avg_dtype), torch.randn(n, dtype=avg_dtype)]
-    averages = [old[0].clone(), old[1].clone(), _poison(torch.empty(n, dtype=avg_dtype))]
-    weights = [0.001, 0.37, 1.0]  # the last is a first update: a copy over a poisoned buffer
-    rings = [torch.zeros(3, n, dtype=dtype), torch.zeros(1, n, dtype=dtype)]
+    old = [_randn(n, dtype=avg_dtype, device=dev, seed=s) for s in (1, 2)]
+    averages = [old[0].clone(), old[1].clone(), _poison(torch.empty(n, dtype=avg_dtype, device=dev))]
+    weights = [0.001, 0.6, 1.0]  # both lerp branches, then a first update: a copy over poison
+    rings = [torch.zeros(3, n, dtype=dtype, device=dev), torch.zeros(1, n, dtype=dtype, device=dev)]
     _poison(rings[0][2])
     _poison(rings[1][0])
-    resolve_backend(backend, "cpu").impls["update_"](params, averages, weights, rings, [2, 0])
+    impls["update_"](flat, table, averages, weights, rings, [2, 0])
     p = torch.cat(params).double()
     for a, o, w in zip(averages, old, weights):
         torch.testing.assert_close(a.double(), o.double() + w * (p - o.double()), **TOL[avg_dtype])
     assert torch.equal(averages[2], torch.cat(params).to(avg_dtype))
     assert torch.equal(rings[0][2], torch.cat(params)) and torch.equal(rings[1][0], torch.cat(params))
     assert not rings[0][:2].any()  # other slots untouched
+    assert all(torch.equal(a, b) for a, b in zip(params, _params(sizes, dtype, dev, misaligned=misaligned)))
 
 
-def test_update_with_only_rings_or_only_averages(backend):
-    impl = resolve_backend(backend, "cpu").impls["update_"]
-    params = _group([5, 3], torch.bfloat16)
-    ring = torch.zeros(2, 8, dtype=torch.bfloat16)
-    impl(params, [], [], [ring], [1])
+def test_update_with_many_averages_and_rings(target):
+    backend, dev = target
+    params = _params([5, 300, 2], torch.bfloat16, dev)
+    impls, flat, table = _bind(backend, params, dev)
+    n = 307
+    averages = [_randn(n, device=dev, seed=s) for s in range(6)]
+    old = [a.clone() for a in averages]
+    weights = [0.1, 0.2, 0.3, 0.7, 0.9, 1.0]
+    rings = [torch.zeros(2, n, dtype=torch.bfloat16, device=dev) for _ in range(3)]
+    impls["update_"](flat, table, averages, weights, rings, [1, 0, 1])
+    p = torch.cat(params).double()
+    for a, o, w in zip(averages, old, weights):
+        torch.testing.assert_close(a.double(), o.double() + w * (p - o.double()), **TOL[torch.float32])
+    assert all(torch.equal(r[s], torch.cat(params)) for r, s in zip(rings, [1, 0, 1]))
+
+
+def test_update_with_only_rings_or_only_averages(target):
+    backend, dev = target
+    params = _params([5, 3], torch.bfloat16, dev)
+    impls, flat, table = _bind(backend, params, dev)
+    ring = torch.zeros(2, 8, dtype=torch.bfloat16, device=dev)
+    impls["update_"](flat, table, [], [], [ring], [1])
     assert torch.equal(ring[1], torch.cat(params))
-    avg = torch.zeros(8)
-    impl(params, [avg], [0.5], [], [])
+    avg = torch.zeros(8, device=dev)
+    impls["update_"](flat, table, [avg], [0.5], [], [])
     torch.testing.assert_close(avg, torch.cat(params).float() * 0.5)
 
 
+def test_weights_keep_float64_precision(target):
+    backend, dev = target
+    params = _params([64], torch.float64, dev)
+    impls, flat, table = _bind(backend, params, dev)
+    avg = _randn(64, dtype=torch.float64, device=dev)
+    old = avg.clone()
+    w = 1 / 3
+    impls["update_"](flat, table, [avg], [w], [], [])
+    torch.testing.assert_close(avg, old + w * (params[0] - old), rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("misaligned", [False, True], ids=["aligned", "misaligned"])
 @pytest.mark.parametrize("sizes", SIZES, ids=str)
 @pytest.mark.parametrize("dtype", PARAM_DTYPES, ids=str)
-def test_swap_in_and_restore(sizes, dtype, backend):
-    impls = resolve_backend(backend, "cpu").impls
-    params = _group(sizes, dtype)
+def test_swap_in_and_restore(sizes, dtype, misaligned, target):
+    backend, dev = target
+    params = _params(sizes, dtype, dev, misaligned=misaligned)
+    impls, flat, table = _bind(backend, params, dev)
     original = [p.clone() for p in params]
-    average = torch.randn(sum(sizes), dtype=_avg_dtype(dtype))
-    backup = _poison(torch.empty(sum(sizes), dtype=dtype))
-    impls["swap_in_"](params, backup, average)
+    average = _randn(sum(sizes), dtype=_avg_dtype(dtype), device=dev)
+    backup = _poison(torch.empty(sum(sizes), dtype=dtype, device=dev))
+    impls["swap_in_"](flat, table, backup, average)
     assert torch.equal(backup, torch.cat(original))
-    assert torch.equal(torch.cat(params), average.to(dtype))
-    impls["restore_"](params, backup)
+    assert torch.equal(torch.cat(params), average.to(dtype))  # torch's rounding (nearest even)
+    impls["restore_"](flat, table, backup)
     assert all(torch.equal(p, o) for p, o in zip(params, original))
 
 
 @pytest.mark.parametrize("sizes", SIZES, ids=str)
 @pytest.mark.parametrize("dtype", PARAM_DTYPES, ids=str)
 @pytest.mark.parametrize("count", [1, 3, 5])
-def test_ring_mean_and_swap_in_ring(sizes, dtype, count, backend):
-    impls = resolve_backend(backend, "cpu").impls
+def test_ring_mean_and_swap_in_ring(sizes, dtype, count, target):
+    backend, dev = target
     n = sum(sizes)
-    ring = torch.randn(5, n, dtype=torch.float64).to(dtype)
+    ring = _randn(5, n, dtype=dtype, device=dev)
     if count < 5:
         _poison(ring[count:])  # slots past count are never read
     avg_dtype = _avg_dtype(dtype)
-    out = _poison(torch.empty(n, dtype=avg_dtype))
+    params = _params(sizes, dtype, dev, seed=1, misaligned=count == 3)
+    impls, flat, table = _bind(backend, params, dev)
+    out = _poison(torch.empty(n, dtype=avg_dtype, device=dev))
     impls["ring_mean_"](out, ring, count)
-    expected = ring[:count].double().mean(0)
-    torch.testing.assert_close(out.double(), expected, **TOL[avg_dtype])
-    params = _group(sizes, dtype, seed=1)
+    torch.testing.assert_close(out.double(), ring[:count].double().mean(0), **TOL[avg_dtype])
     original = torch.cat(params)
-    backup = _poison(torch.empty(n, dtype=dtype))
-    impls["swap_in_ring_"](params, backup, ring, count, avg_dtype)
+    backup = _poison(torch.empty(n, dtype=dtype, device=dev))
+    impls["swap_in_ring_"](flat, table, backup, ring, count, avg_dtype)
     assert torch.equal(backup, original)
     assert torch.equal(torch.cat(params), out.to(dtype))
 
 
-def test_ring_mean_rejects_bad_count(backend):
-    impl = resolve_backend(backend, "cpu").impls["ring_mean_"]
+def test_bfloat16_rounding_is_nearest_even_with_ties_and_specials(target):
+    backend, dev = target
+    # float32 values exactly halfway between bfloat16 neighbours (ties), and inf / NaN.
+    bits = torch.tensor([0x3F808000, 0x3F818000, 0xBF808000, 0x7F7FFFFF, 0x3F80FFFF, 0x00008000], dtype=torch.int64)
+    average = torch.cat([bits.to(torch.int32).view(torch.float32), torch.tensor([float("inf"), -float("inf")])])
+    average = torch.cat([average, torch.tensor([float("nan")])]).to(dev)
+    params = _params([average.numel()], torch.bfloat16, dev)
+    impls, flat, table = _bind(backend, params, dev)
+    impls["swap_in_"](flat, table, torch.empty(average.numel(), dtype=torch.bfloat16, device=dev), average)
+    expected = average.to(torch.bfloat16)
+    assert torch.equal(params[0][:-1], expected[:-1]) and params[0][-1].isnan()
+
+
+def test_ring_mean_rejects_bad_count(target):
+    backend, dev = target
+    impls = resolve_backend(backend, dev).impls
     for count in (0, 4):
         with pytest.raises(ValueError, match="count"):
-            impl(torch.empty(3), torch.zeros(3, 3), count)
+            impls["ring_mean_"](torch.empty(3, device=dev), torch.zeros(3, 3, device=dev), count)
 
 
-def _samples():
-    params = _group([1, 7, 33], torch.bfloat16)
+def test_empty_parameters(target):
+    backend, dev = target
+    params = [torch.zeros(0, device=dev), torch.zeros(0, 3, device=dev)]
+    impls, flat, table = _bind(backend, params, dev)
+    impls["update_"](flat, table, [torch.zeros(0, device=dev)], [0.5], [torch.zeros(2, 0, device=dev)], [1])
+    impls["swap_in_"](flat, table, torch.zeros(0, device=dev), torch.zeros(0, device=dev))
+    impls["restore_"](flat, table, torch.zeros(0, device=dev))
+
+
+def _samples(backend, dev):
+    params = _params([1, 7, 33], torch.bfloat16, dev)
     n = 41
+
+    def bound():
+        _, flat, table = _bind(backend, [p.clone() for p in params], dev)
+        return flat, table
+
+    bf16 = dict(dtype=torch.bfloat16, device=dev)
     return {
         "update_": (
-            params,
-            [torch.randn(n), torch.randn(n)],
+            *bound(),
+            [_randn(n, device=dev), _randn(n, device=dev)],
             [0.5, 1.0],
-            [torch.zeros(3, n, dtype=torch.bfloat16)],
+            [torch.zeros(3, n, **bf16)],
             [1],
         ),
-        "swap_in_": ([p.clone() for p in params], torch.empty(n, dtype=torch.bfloat16), torch.randn(n)),
-        "swap_in_ring_": (
-            [p.clone() for p in params],
-            torch.empty(n, dtype=torch.bfloat16),
-            torch.randn(4, n).bfloat16(),
-            3,
-            torch.float32,
-        ),
-        "restore_": ([p.clone() for p in params], torch.randn(n).bfloat16()),
-        "ring_mean_": (torch.empty(n), torch.randn(4, n).bfloat16(), 2),
+        "swap_in_": (*bound(), torch.empty(n, **bf16), _randn(n, device=dev)),
+        "swap_in_ring_": (*bound(), torch.empty(n, **bf16), _randn(4, n, **bf16), 3, torch.float32),
+        "restore_": (*bound(), _randn(n, **bf16)),
+        "ring_mean_": (torch.empty(n, device=dev), _randn(4, n, **bf16), 2),
     }
 
 
 @pytest.mark.parametrize("op", list(ops.SCHEMAS))
-def test_opcheck(op, backend):
-    torch.library.opcheck(resolve_backend(backend, "cpu").ops[op], _samples()[op])
+def test_opcheck(op, target):
+    backend, dev = target
+    torch.library.opcheck(resolve_backend(backend, dev).ops[op], _samples(backend, dev)[op])
 
 
 def test_registered_schemas_are_the_ones_in_ops_py(backend):
@@ -139,3 +216,8 @@ def test_registered_schemas_are_the_ones_in_ops_py(backend):
 
 def test_each_backend_has_its_own_namespace():
     assert len(set(ops.NAMESPACES.values())) == len(ops.NAMESPACES)
+
+
+def test_memory_view_is_memory_order():
+    t = torch.arange(24.0).reshape(2, 3, 4).permute(2, 0, 1)
+    assert torch.equal(memory_view(t), torch.arange(24.0))

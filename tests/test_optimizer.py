@@ -189,7 +189,7 @@ def test_several_due_averages_are_one_op_call_per_group(monkeypatch, backend):
     opt = fastavg.wrap(
         torch.optim.SGD(params, lr=0.1), {"e": EMA(0.9), "s": SWA(), "l": LAWA(2, every=1)}, backend=backend
     )
-    impls = opt.averager._backends[0].impls
+    impls = opt.averager._groups[0].backend.impls
     calls = []
     real = impls["update_"]
     monkeypatch.setitem(impls, "update_", lambda *args: calls.append(args) or real(*args))
@@ -197,7 +197,9 @@ def test_several_due_averages_are_one_op_call_per_group(monkeypatch, backend):
         p.grad = torch.ones_like(p)
     opt.step()
     assert len(calls) == 2  # two groups (float32, float64), each one call for all three averages
-    assert all(len(args[1]) == 2 and len(args[3]) == 1 for args in calls)
+    assert all(
+        len(args[2]) == 2 and len(args[4]) == 1 for args in calls
+    )  # (params, table, averages, weights, rings, slots)
 
 
 def test_deepcopy_gives_an_independent_working_copy():
@@ -216,3 +218,36 @@ def test_deepcopy_gives_an_independent_working_copy():
     with opt2.averaged("l"):
         assert torch.equal(next(model2.parameters()).detach(), opt2.averaged_params("l")[0])
         assert not torch.equal(next(model.parameters()), next(model2.parameters()))
+
+
+def test_compiled_training_step_matches_eager_and_does_not_recompile_as_the_schedule_moves(backend):
+    from torch._dynamo.utils import counters
+
+    def make():
+        model = _model()
+        averages = {"ema": EMA(0.9, power=0.7), "swa": SWA(every=2), "lawa": LAWA(3, every=3)}
+        return model, fastavg.wrap(torch.optim.AdamW(model.parameters(), lr=0.01), averages, backend=backend)
+
+    def train_step(model, opt, x):
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss
+
+    torch._dynamo.reset()
+    eager_model, eager_opt = make()
+    model, opt = make()
+    compiled_step = torch.compile(train_step)
+    frames = []
+    for step in range(14):
+        train_step(eager_model, eager_opt, _batch(step))
+        compiled_step(model, opt, _batch(step))
+        frames.append(counters["stats"]["unique_graphs"])
+    assert frames[5] == frames[-1], frames  # the moving t, n and ring slot cause no recompiles
+    assert opt.step_count == 14 and [opt.num_averaged(n) for n in opt.names] == [14, 7, 3]
+    for a, b in zip(model.parameters(), eager_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for name in opt.names:
+        for a, b in zip(opt.averaged_params(name), eager_opt.averaged_params(name)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,77 @@
+"""Backend "triton": the fused ops as Triton kernels (``kernels/``, installed as ``fastavg.kernels``).
+
+CUDA tensors, or CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1`` set before the
+kernels are first imported). The kernels are imported on first use, so ``import fastavg`` works
+without Triton and ``available_backends()`` says why the backend is missing.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from .ops import NAMESPACES, SCHEMAS, Backend, add_backend, register_python_ops
+
+
+@functools.cache
+def _kernels():
+    from . import kernels
+
+    return kernels
+
+
+def _interpret_requested() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def unavailable(device_type: str) -> str | None:
+    """None where the Triton backend runs on ``device_type`` tensors, else why not."""
+    try:
+        kernels = _kernels()
+    except ImportError as err:
+        return (
+            f"Triton is not installed ({err}); `pip install triton` (CUDA) or run CPU tensors under TRITON_INTERPRET=1"
+        )
+    from .kernels.table import INTERPRET
+
+    if device_type == "cuda":
+        if not torch.cuda.is_available():
+            return "no CUDA device is available"
+        if INTERPRET:
+            return (
+                "TRITON_INTERPRET=1 was set when the kernels were loaded: the interpreter cannot follow device pointers"
+            )
+        return None
+    if device_type == "cpu":
+        if not INTERPRET:
+            why = "set TRITON_INTERPRET=1 before fastavg's Triton kernels are first imported"
+            if _interpret_requested():
+                why = "TRITON_INTERPRET=1 was set after the kernels were loaded; set it before importing fastavg"
+            return f"Triton runs CPU tensors only in its interpreter: {why}"
+        return None
+    del kernels
+    return f"Triton kernels do not run on {device_type} tensors"
+
+
+def _impl(name: str):
+    def call(*args):
+        return getattr(_kernels(), name)(*args)
+
+    call.__name__ = name
+    return call
+
+
+IMPLS = {name: _impl(name) for name in SCHEMAS}
+
+BACKEND = Backend(
+    name="triton",
+    impls=IMPLS,
+    ops=register_python_ops(NAMESPACES["triton"], IMPLS),
+    unavailable=unavailable,
+    make_table=lambda group: _kernels().build_table(group.flat_params),
+    # Never "auto" on the CPU: the interpreter is for testing, orders of magnitude slower than torch.
+    speed_rank={"cuda": 2, "cpu": -1},
+)
+add_backend(BACKEND)

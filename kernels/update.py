@@ -1,0 +1,98 @@
+"""update_: every due average of a group from one read of its parameters, in one launch.
+
+EMA and SWA are ``avg.lerp_(p, w)`` (w = 1 - d_j or 1/n; w == 1 copies); LAWA writes ring slots.
+Bytes per element for bf16 params and fp32 averages: 2 read + 10 per lerped average + 2 per ring.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .access import cast, full_blocks_end, load, math_dtype, row, store
+from .table import BLOCK, NUM_WARPS, TL_DTYPES, grid_size, split_weight
+
+MAX_AVERAGES, MAX_RINGS = 4, 2  # per launch; more (rare) take further launches
+
+
+@triton.jit
+def _lerp(average, p, w, copy):
+    # ATen's two-sided lerp (exact at both ends), so results track torch.lerp's rounding.
+    diff = p - average
+    out = tl.where(w < 0.5, average + w * diff, p - diff * (1.0 - w))
+    return tl.where(copy != 0, p, out)  # a first update never reads the old (maybe NaN) value
+
+
+@triton.jit
+def _lerp_into(a, flat, mask, p, w, copy, MATH: tl.constexpr, MASKED: tl.constexpr):
+    average = load(a + flat, mask, MASKED).to(MATH)
+    store(a + flat, cast(_lerp(average, p, w, copy), a.dtype.element_ty), mask, MASKED)
+
+
+@triton.jit
+def _block(p_ptr, flat, mask, a0, a1, a2, a3, w0, w1, w2, w3, c0, c1, c2, c3, r0, r1,
+           N_AVG: tl.constexpr, N_RING: tl.constexpr, MATH: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
+    p = load(p_ptr, mask, MASKED)
+    if N_RING >= 1:
+        store(r0 + flat, p, mask, MASKED)
+    if N_RING >= 2:
+        store(r1 + flat, p, mask, MASKED)
+    p = p.to(MATH)
+    if N_AVG >= 1:
+        _lerp_into(a0, flat, mask, p, w0, c0, MATH, MASKED)
+    if N_AVG >= 2:
+        _lerp_into(a1, flat, mask, p, w1, c1, MATH, MASKED)
+    if N_AVG >= 3:
+        _lerp_into(a2, flat, mask, p, w2, c2, MATH, MASKED)
+    if N_AVG >= 4:
+        _lerp_into(a3, flat, mask, p, w3, c3, MATH, MASKED)
+
+
+@triton.jit
+def update_kernel(table, n_rows, a0, a1, a2, a3, h0, l0, c0, h1, l1, c1, h2, l2, c2, h3, l3, c3, r0, r1,
+                  P_DTYPE: tl.constexpr, MATH: tl.constexpr, N_AVG: tl.constexpr, N_RING: tl.constexpr,
+                  BLOCK: tl.constexpr):  # fmt: skip
+    # hi + lo restores float64 weights to ~48 bits for float64 averages; float32 rounds back to hi.
+    # tl.cast, not .to(): the interpreter passes scalars as Python floats.
+    w0, w1 = tl.cast(h0, MATH) + tl.cast(l0, MATH), tl.cast(h1, MATH) + tl.cast(l1, MATH)
+    w2, w3 = tl.cast(h2, MATH) + tl.cast(l2, MATH), tl.cast(h3, MATH) + tl.cast(l3, MATH)
+    for r in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+        pointer, offset, length, aligned = row(table, r, P_DTYPE)
+        full = full_blocks_end(length, aligned, BLOCK)
+        # The aligned loop's own hinted copy of address and offset (see access.py).
+        aligned_pointer = tl.multiple_of(tl.load(table + r * 4).to(tl.pointer_type(P_DTYPE)), 16)
+        aligned_offset = tl.multiple_of(tl.load(table + r * 4 + 1), 8)
+        for start in range(0, full, BLOCK):
+            index = tl.max_contiguous(tl.multiple_of(start + tl.arange(0, BLOCK), BLOCK), BLOCK)
+            p_ptr, flat = aligned_pointer + index, aligned_offset + index
+            _block(p_ptr, flat, None, a0, a1, a2, a3, w0, w1, w2, w3, c0, c1, c2, c3, r0, r1,
+                   N_AVG, N_RING, MATH, False)  # fmt: skip
+        for start in range(full, length, BLOCK):
+            index = start + tl.arange(0, BLOCK)
+            _block(pointer + index, offset + index, index < length, a0, a1, a2, a3, w0, w1, w2, w3,
+                   c0, c1, c2, c3, r0, r1, N_AVG, N_RING, MATH, True)  # fmt: skip
+
+
+def update_(params, table, averages, weights, rings, slots) -> None:
+    """Launch ``update_kernel`` over the group: at most 4 averages and 2 rings per launch."""
+    n_rows = table.shape[0]
+    if n_rows == 0 or not (averages or rings):
+        return
+    p_dtype = TL_DTYPES[params[0].dtype]
+    math = math_dtype(TL_DTYPES[averages[0].dtype]) if averages else tl.float32
+    slot_views = [ring[slot] for ring, slot in zip(rings, slots)]
+    launches = max(-(-len(averages) // MAX_AVERAGES), -(-len(slot_views) // MAX_RINGS))
+    for i in range(launches):
+        avg = averages[i * MAX_AVERAGES : (i + 1) * MAX_AVERAGES]
+        wts = weights[i * MAX_AVERAGES : (i + 1) * MAX_AVERAGES]
+        rng = slot_views[i * MAX_RINGS : (i + 1) * MAX_RINGS]
+        if not (avg or rng):
+            continue
+        filler = (avg or rng)[0]  # unused pointer slots: never dereferenced (N_AVG / N_RING)
+        pointers = [*avg, *[filler] * (MAX_AVERAGES - len(avg))]
+        coefficients = [c for w in [*wts, *[0.0] * (MAX_AVERAGES - len(wts))] for c in split_weight(w)]
+        ring_pointers = [*rng, *[filler] * (MAX_RINGS - len(rng))]
+        update_kernel[(grid_size(n_rows, table.device),)](
+            table, n_rows, *pointers, *coefficients, *ring_pointers,
+            P_DTYPE=p_dtype, MATH=math, N_AVG=len(avg), N_RING=len(rng), BLOCK=BLOCK, num_warps=NUM_WARPS,
+        )  # fmt: skip

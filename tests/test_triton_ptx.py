@@ -1,0 +1,114 @@
+"""Every Triton kernel compiles for sm_80 and sm_90 here (no GPU needed), and its aligned paths
+use 16-byte vector loads and stores while the masked paths (misaligned rows, tails) stay scalar."""
+
+import os
+import re
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+from fastavg.kernels import ring_mean, swap, update  # noqa: E402
+from fastavg.kernels.table import INTERPRET  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+# Under TRITON_INTERPRET=1 (set by conftest without a GPU) the kernels are interpreter objects that
+# cannot be compiled: then one test reruns this file in a process that compiles.
+compiling = pytest.mark.skipif(INTERPRET, reason="run by test_ptx_checks_in_a_compiling_process")
+
+
+@pytest.mark.skipif(not INTERPRET, reason="this process compiles: the checks below run directly")
+def test_ptx_checks_in_a_compiling_process():
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and " failed" not in result.stdout
+
+
+ARCHS = [80, 90]
+BLOCK = 1024  # the GPU block size (the interpreter uses a larger one)
+
+
+def _ptx(fn, signature: dict, constexprs: dict, arch: int) -> Counter:
+    """Global memory instructions in ``fn``'s PTX, with pointer and stride arguments 16-aligned (as
+    Triton's launcher specialises them when they are)."""
+    names = list(signature)
+    aligned = {
+        (i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if signature[n].startswith("*") or n == "stride"
+    }
+    full = dict(signature, **{k: "constexpr" for k in constexprs})
+    source = ASTSource(fn=fn, signature=full, constexprs=constexprs, attrs=aligned)
+    ptx = triton.compile(source, target=GPUTarget("cuda", arch, 32)).asm["ptx"]
+    assert f".target sm_{arch}" in ptx
+    return Counter(re.findall(r"((?:ld|st)\.global[.\w]*)", ptx))
+
+
+def _update_signature(avg="*fp32", ring="*bf16"):
+    sig = {"table": "*i64", "n_rows": "i32", **{f"a{i}": avg for i in range(4)}}
+    for i in range(4):
+        sig.update({f"h{i}": "fp32", f"l{i}": "fp32", f"c{i}": "i32"})
+    return {**sig, "r0": ring, "r1": ring}
+
+
+def _vector(counts: Counter, kind: str) -> int:
+    return sum(n for op, n in counts.items() if op.startswith(f"{kind}.global.v"))
+
+
+@compiling
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(
+    "p_dtype, ring",
+    [(tl.bfloat16, "*bf16"), (tl.float16, "*fp16"), (tl.float32, "*fp32")],
+    ids=["bf16", "fp16", "fp32"],
+)
+@pytest.mark.parametrize("n_avg, n_ring", [(1, 0), (0, 1), (2, 1), (4, 2)])
+def test_update_kernel_vectorises_aligned_rows(arch, p_dtype, ring, n_avg, n_ring):
+    counts = _ptx(
+        update.update_kernel,
+        _update_signature(ring=ring),
+        {"P_DTYPE": p_dtype, "MATH": tl.float32, "N_AVG": n_avg, "N_RING": n_ring, "BLOCK": BLOCK},
+        arch,
+    )
+    # 16-byte vectors: the parameter read, each average's read and write, each ring write.
+    assert counts["ld.global.v4.b32"] >= 1 + 2 * n_avg, counts
+    assert counts["st.global.v4.b32"] >= 2 * n_avg + n_ring, counts
+    # The masked loop (misaligned rows and tails) is scalar: nothing vectorised it on a hint.
+    scalar_param = "ld.global.b32" if p_dtype == tl.float32 else "ld.global.b16"
+    assert counts[scalar_param] > 0, counts
+
+
+@compiling
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("from_ring", [False, True])
+def test_swap_in_kernel_vectorises(arch, from_ring):
+    sig = {"table": "*i64", "n_rows": "i32", "backup": "*bf16", "source": "*bf16" if from_ring else "*fp32",
+           "stride": "i64", "count": "i32"}  # fmt: skip
+    counts = _ptx(
+        swap.swap_in_kernel,
+        sig,
+        {"P_DTYPE": tl.bfloat16, "AVG_DTYPE": tl.float32, "FROM_RING": from_ring, "BLOCK": BLOCK},
+        arch,
+    )
+    assert _vector(counts, "ld") >= 2 and _vector(counts, "st") >= 2, counts
+    assert counts["ld.global.b16"] > 0, counts
+
+
+@compiling
+@pytest.mark.parametrize("arch", ARCHS)
+def test_restore_kernel_vectorises(arch):
+    sig = {"table": "*i64", "n_rows": "i32", "backup": "*bf16"}
+    counts = _ptx(swap.restore_kernel, sig, {"P_DTYPE": tl.bfloat16, "BLOCK": BLOCK}, arch)
+    assert _vector(counts, "ld") >= 1 and _vector(counts, "st") >= 1, counts
+
+
+@compiling
+@pytest.mark.parametrize("arch", ARCHS)
+def test_ring_mean_kernel_vectorises(arch):
+    sig = {"out": "*fp32", "ring": "*bf16", "n": "i64", "stride": "i64", "count": "i32"}
+    counts = _ptx(ring_mean.ring_mean_kernel, sig, {"BLOCK": BLOCK}, arch)
+    assert _vector(counts, "ld") >= 2 and _vector(counts, "st") >= 1, counts
