@@ -29,7 +29,7 @@ def _interpret_requested() -> bool:
 def unavailable(device_type: str) -> str | None:
     """None where the Triton backend runs on ``device_type`` tensors, else why not."""
     try:
-        kernels = _kernels()
+        _kernels()
     except ImportError as err:
         return (
             f"Triton is not installed ({err}); `pip install triton` (CUDA) or run CPU tensors under TRITON_INTERPRET=1"
@@ -51,7 +51,6 @@ def unavailable(device_type: str) -> str | None:
                 why = "TRITON_INTERPRET=1 was set after the kernels were loaded; set it before importing fastavg"
             return f"Triton runs CPU tensors only in its interpreter: {why}"
         return None
-    del kernels
     return f"Triton kernels do not run on {device_type} tensors"
 
 

@@ -221,3 +221,23 @@ def test_each_backend_has_its_own_namespace():
 def test_memory_view_is_memory_order():
     t = torch.arange(24.0).reshape(2, 3, 4).permute(2, 0, 1)
     assert torch.equal(memory_view(t), torch.arange(24.0))
+
+
+def test_torch_backend_casts_in_batches_on_the_cpu(monkeypatch):
+    from fastavg import torch_backend
+
+    monkeypatch.setattr(torch_backend, "_CPU_CAST_BATCH", 1000)  # 2,500 elements cut across batches
+    params = _params([3, 2500, 1, 999, 7], torch.bfloat16, "cpu")
+    impls, flat, table = _bind("torch", params, "cpu")
+    n = sum(p.numel() for p in params)
+    old = _randn(n, seed=4)
+    averages = [old.clone(), _poison(torch.empty(n))]
+    impls["update_"](flat, table, averages, [0.3, 1.0], [], [])
+    p = torch.cat(params).double()
+    torch.testing.assert_close(averages[0].double(), old.double() + 0.3 * (p - old.double()), **TOL[torch.float32])
+    assert torch.equal(averages[1], torch.cat(params).float())
+    batches = list(torch_backend._batches(flat, 1000))
+    assert all(sum(x.numel() for x in pieces) <= 1000 for _, pieces in batches)
+    assert [start for start, _ in batches] == [0] + [
+        sum(x.numel() for _, ps in batches[:i] for x in ps) for i in range(1, len(batches))
+    ]
