@@ -1,7 +1,7 @@
 """Host (Python) cost of Averager.step() per training step, over GPT-2 124M's 148 parameter tensors.
 
 Each tensor is shrunk to at most 64 elements, so what is timed is the Python side and op dispatch,
-not memory traffic.  Usage: python bench/step_overhead.py [--backend torch] [--device cpu]
+not memory traffic.  Usage: python bench/step_overhead.py [--backends torch triton] [--device cpu]
 """
 
 import argparse
@@ -31,24 +31,28 @@ def per_call_us(fn, repeats):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backend", default="torch")
+    parser.add_argument("--backends", nargs="+", help="default: every backend available on the device")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=2000)
     args = parser.parse_args()
+    device_type = torch.device(args.device).type
+    backends = args.backends or [b for b, why in fastavg.available_backends(device_type).items() if why is None]
     params = [
         torch.nn.Parameter(torch.zeros(min(64, s[0]), device=args.device, dtype=torch.bfloat16)) for s in gpt2_shapes()
     ]
-    rows = {
-        "step, nothing due": fastavg.Averager(params, fastavg.EMA(every=10**9), backend=args.backend).step,
-        "parameter check (148 tensors)": fastavg.Averager(params, "ema", backend=args.backend).check_params,
-        "step, EMA due": fastavg.Averager(params, fastavg.EMA(), backend=args.backend).step,
-        "step, EMA+SWA+LAWA due": fastavg.Averager(
-            params, {"ema": fastavg.EMA(), "swa": fastavg.SWA(), "lawa": fastavg.LAWA(every=1)}, backend=args.backend
-        ).step,
-    }
-    print(f"{len(params)} tensors, backend {args.backend}, device {args.device}, torch {torch.__version__}")
-    for name, fn in rows.items():
-        print(f"{name:32s} {per_call_us(fn, args.repeats):8.1f} us")
+    all_three = {"ema": fastavg.EMA(), "swa": fastavg.SWA(), "lawa": fastavg.LAWA(every=1)}
+    print(f"{len(params)} tensors, device {args.device}, torch {torch.__version__}")
+    for backend in backends:
+        rows = {
+            "step, nothing due": fastavg.Averager(params, fastavg.EMA(every=10**9), backend=backend).step,
+            "parameter check (148 tensors)": fastavg.Averager(params, "ema", backend=backend).check_params,
+            "step, EMA due": fastavg.Averager(params, fastavg.EMA(), backend=backend).step,
+            "step, EMA+SWA+LAWA due": fastavg.Averager(params, all_three, backend=backend).step,
+        }
+        for name, fn in rows.items():
+            # Host time per call: on a GPU the launches are asynchronous, so this is the Python
+            # and launch cost a training step pays, not the kernel's time.
+            print(f"{backend:7s} {name:32s} {per_call_us(fn, args.repeats):8.1f} us")
 
 
 if __name__ == "__main__":

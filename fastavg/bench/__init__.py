@@ -1,0 +1,1 @@
+"""fastavg-bench: every fused update against the stock PyTorch paths and the bandwidth limit."""

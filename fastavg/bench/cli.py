@@ -1,0 +1,190 @@
+"""fastavg-bench command line: ``fastavg-bench --help``."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import platform
+
+import torch
+
+import fastavg
+
+from . import cases, report
+from .shapes import GPT2_SIZES, gpt2_shapes, parameter_shapes
+from .timing import copy_bandwidth_gbps, median_ms
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="fastavg-bench",
+        description="Time fastavg's fused updates against stock PyTorch paths and the copy bandwidth.",
+    )
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--params", default="gpt2", choices=sorted(GPT2_SIZES), help="parameter shapes (default gpt2)")
+    which.add_argument("--numel", type=int, help="one flat parameter of N elements instead")
+    parser.add_argument("--dtype", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
+    parser.add_argument("--update", nargs="+", default=list(cases.UPDATES), choices=cases.UPDATES)
+    parser.add_argument("--backends", nargs="+", choices=fastavg.ops.BACKEND_NAMES, help="default: every available one")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 50 on GPU, 10 on CPU)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed repeats first (default 10 on GPU, 2 on CPU)")
+    parser.add_argument("--quick", action="store_true", help="small shapes and few repeats: a smoke test")
+    parser.add_argument(
+        "--train-step",
+        action="store_true",
+        help="instead: time a trainer preset's full step without and with EMA+SWA+LAWA every step",
+    )
+    parser.add_argument("--train-preset", help="for --train-step (default gpt2 on a GPU, nano on the CPU)")
+    parser.add_argument("--train-batch", type=int, default=16, help="for --train-step: sequences per micro-batch")
+    parser.add_argument("--train-accum", type=int, help="for --train-step: micro-batches (default 8 GPT-2, 1 nano)")
+    parser.add_argument("--json", help="write the records as JSON here")
+    parser.add_argument("--csv", help="write the records as CSV here")
+    parser.add_argument("--plot", help="write a bar chart (PNG) here")
+    return parser.parse_args(argv)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``--device``: auto, cpu or cuda[:N]; a clear error when it is not there."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise SystemExit(f"fastavg-bench: unknown device {name!r} ({err})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"fastavg-bench: device {name!r} is not available: torch sees no CUDA device")
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"fastavg-bench: device {name!r} is not supported (cpu or cuda)")
+    return device
+
+
+def resolve_backends(requested, device: torch.device) -> list[str]:
+    available = fastavg.available_backends(device.type)
+    if requested is None:
+        usable = [name for name, why in available.items() if why is None]
+        # The Triton interpreter is for tests: minutes per update at benchmark sizes.
+        return [b for b in usable if not (device.type == "cpu" and b == "triton")]
+    for name in requested:
+        if available[name] is not None:
+            raise SystemExit(f"fastavg-bench: backend {name!r} is not available on {device.type}: {available[name]}")
+    return list(requested)
+
+
+def header_record(device: torch.device, label: str, shapes, copy_gbps: float) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "record": "header",
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "fastavg": fastavg.__version__,
+        "params": label,
+        "tensors": len(shapes),
+        "numel": sum(torch.Size(s).numel() for s in shapes),
+        "copy_gbps": copy_gbps,
+    }
+
+
+def run_dtype(update, dtype, shapes, device, backends, repeats, warmup, copy_gbps) -> list[dict]:
+    """Every implementation of one update for one parameter dtype, as records."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, device=device).to(dtype)) for s in shapes]
+    average_dtype = torch.float32
+    numel = sum(p.numel() for p in params)
+    bytes_per_element = cases.minimal_bytes_per_element(update, params[0].element_size(), 4)
+    makers = [lambda b=b: cases.fastavg_case(update, params, b) for b in backends]
+    makers += [
+        lambda: cases.stock_case(update, params, average_dtype),
+        lambda: cases.loop_case(update, params, average_dtype),
+        lambda: cases.averaged_model_case(update, params),
+    ]
+    records = []
+    for make in makers:
+        case = make()
+        if case is None:
+            continue
+        with torch.no_grad():  # as in a training loop's averaging: no autograd on the parameters
+            ms = median_ms(case.step, device, repeats, warmup)
+        gbps = numel * bytes_per_element / (ms * 1e-3) / 1e9
+        records.append({
+            "update": update, "impl": case.impl, "dtype": str(dtype).replace("torch.", ""), "numel": numel,
+            "median_ms": ms, "gbps": gbps, "pct_of_copy": 100 * gbps / copy_gbps,
+            "bytes_per_element": bytes_per_element, "same_numerics": case.same_numerics, "note": case.note,
+        })  # fmt: skip
+        del case
+        gc.collect()
+    by_impl = {r["impl"]: r["median_ms"] for r in records}
+    for r in records:
+        stock, averaged_model = by_impl.get("stock-foreach"), by_impl.get("AveragedModel")
+        fast = r["impl"].startswith("fastavg")
+        r["speedup_vs_stock"] = stock / r["median_ms"] if fast and stock else None
+        r["speedup_vs_averaged_model"] = averaged_model / r["median_ms"] if fast and averaged_model else None
+    return records
+
+
+def run_train_step(args, device, backends, repeats, warmup) -> None:
+    """--train-step: the paper's per-GPU batch on a GPU (16 x 1024 tokens, 8 accumulation steps)."""
+    from ..train.model import PRESETS
+    from . import train_step
+
+    preset = args.train_preset or ("gpt2" if device.type == "cuda" else "nano")
+    if preset not in PRESETS:
+        raise SystemExit(f"fastavg-bench: unknown --train-preset {preset!r}; expected one of {sorted(PRESETS)}")
+    accum = args.train_accum or (1 if preset == "nano" else 8)
+    if args.train_batch < 1 or accum < 1:
+        raise SystemExit("fastavg-bench: --train-batch and --train-accum must be >= 1")
+    records = train_step.train_step_records(preset, device, args.train_batch, accum, backends,
+                                            min(repeats, 10 if device.type == "cuda" else 5), min(warmup, 3))  # fmt: skip
+    print(train_step.table(records))
+    if args.json:
+        report.write_json(args.json, header_record(device, preset, [], 0.0), records)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    backends = resolve_backends(args.backends, device)
+    if args.quick:
+        label, shapes = "gpt2-tiny (--quick)", gpt2_shapes(layers=2, dim=128, vocab=1000, context=128)
+    else:
+        try:
+            label, shapes = parameter_shapes(args.params if args.numel is None else None, args.numel)
+        except ValueError as err:
+            raise SystemExit(f"fastavg-bench: {err}") from None
+    gpu = device.type == "cuda"
+    repeats = args.repeats if args.repeats is not None else (50 if gpu else 3 if args.quick else 10)
+    warmup = args.warmup if args.warmup is not None else (10 if gpu else 1 if args.quick else 2)
+    if repeats < 1 or warmup < 0:
+        raise SystemExit("fastavg-bench: --repeats must be >= 1 and --warmup >= 0")
+    if args.train_step:
+        run_train_step(args, device, backends, repeats, warmup)
+        return
+    copy_bytes = (1 << 30) if gpu else (1 << 26 if args.quick else 1 << 28)
+    copy_gbps = copy_bandwidth_gbps(device, copy_bytes, repeats, warmup)
+    header = header_record(device, label, shapes, copy_gbps)
+    records = []
+    for dtype_name in args.dtype:
+        for update in args.update:
+            records += run_dtype(update, DTYPES[dtype_name], shapes, device, backends, repeats, warmup, copy_gbps)
+            if gpu:
+                torch.cuda.empty_cache()
+    print(report.table(header, records))
+    if args.json:
+        report.write_json(args.json, header, records)
+    if args.csv:
+        report.write_csv(args.csv, records)
+    if args.plot:
+        report.plot(args.plot, header, records)

@@ -1,0 +1,101 @@
+"""fastavg-bench: the quick run end to end, its outputs, its bad options."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from fastavg.bench import cases, cli
+from fastavg.bench.shapes import gpt2_shapes
+
+REQUIRED = {"update", "impl", "dtype", "numel", "median_ms", "gbps", "pct_of_copy", "speedup_vs_stock",
+            "speedup_vs_averaged_model"}  # fmt: skip
+
+
+def test_gpt2_shapes_are_gpt2_124m():
+    shapes = gpt2_shapes()
+    assert len(shapes) == 148
+    assert sum(torch.Size(s).numel() for s in shapes) == 124_439_808
+
+
+def test_minimal_bytes_follow_the_design_table():
+    bf16, fp32 = 2, 4
+    assert cases.minimal_bytes_per_element("ema", bf16, fp32) == 10
+    assert cases.minimal_bytes_per_element("swa", bf16, fp32) == 10
+    assert cases.minimal_bytes_per_element("lawa", bf16, fp32) == 4
+    assert cases.minimal_bytes_per_element("all", bf16, fp32) == 20
+    assert cases.minimal_bytes_per_element("swap", bf16, fp32) == 14  # swap-in 10 + restore 4
+
+
+def test_quick_run_writes_every_output(tmp_path, capsys):
+    out = {kind: tmp_path / f"b.{kind}" for kind in ("json", "csv", "png")}
+    cli.main(["--quick", "--update", "ema", "lawa", "--json", str(out["json"]), "--csv", str(out["csv"]),
+              "--plot", str(out["png"])])  # fmt: skip
+    table = capsys.readouterr().out
+    assert "fastavg-torch" in table and "stock-foreach" in table and "AveragedModel" in table
+    header, *records = json.loads(out["json"].read_text())
+    assert header["record"] == "header" and header["copy_gbps"] > 0 and header["torch"] == torch.__version__
+    assert records and all(REQUIRED <= set(r) for r in records)
+    assert {r["update"] for r in records} == {"ema", "lawa"} and {r["dtype"] for r in records} == {
+        "bfloat16",
+        "float32",
+    }
+    fast = [r for r in records if r["impl"] == "fastavg-torch"]
+    assert all(r["speedup_vs_stock"] > 0 for r in fast)
+    assert all(r["median_ms"] > 0 and r["gbps"] > 0 for r in records)
+    bf16_model = [r for r in records if r["impl"] == "AveragedModel" and r["dtype"] == "bfloat16"]
+    assert bf16_model and not bf16_model[0]["same_numerics"]  # said plainly: it keeps bf16 averages
+    assert len(list(csv.DictReader(out["csv"].open()))) == len(records)
+    assert out["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--numel", "0"], "numel"),
+        (["--numel", "-5"], "numel"),
+        (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "not"),
+        (["--device", "nonsense"], "device"),
+        (["--repeats", "0", "--quick"], "repeats"),
+    ],
+)
+def test_bad_options_get_clear_errors(argv, message):
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert message in str(info.value)
+
+
+def test_unknown_backend_or_update_is_refused(capsys):
+    for argv in (["--backends", "cuda"], ["--update", "polyak"]):
+        with pytest.raises(SystemExit):
+            cli.parse_args(argv)
+        assert "invalid choice" in capsys.readouterr().err
+
+
+def test_unavailable_backend_is_refused_with_the_reason():
+    device = torch.device("cpu")
+    missing = [name for name, why in __import__("fastavg").available_backends("cpu").items() if why]
+    if not missing:
+        pytest.skip("every backend is available here")
+    with pytest.raises(SystemExit, match="not available"):
+        cli.resolve_backends([missing[0]], device)
+
+
+def test_train_step_reports_the_overhead(tmp_path, capsys):
+    path = tmp_path / "train.json"
+    cli.main(["--train-step", "--train-batch", "2", "--repeats", "2", "--warmup", "1", "--json", str(path)])
+    printed = capsys.readouterr().out
+    assert "train step: nano" in printed and "overhead" in printed
+    header, *records = json.loads(path.read_text())
+    assert header["record"] == "header" and records[0]["impl"] == "adamw" and records[0]["overhead_pct"] == 0.0
+    wrapped = records[1:]
+    assert wrapped and all("ema+swa+lawa" in r["impl"] for r in wrapped)
+    base = records[0]["median_ms"]
+    for r in wrapped:
+        assert r["overhead_pct"] == pytest.approx(100 * (r["median_ms"] - base) / base)
+
+
+def test_train_step_rejects_unknown_preset():
+    with pytest.raises(SystemExit, match="train-preset"):
+        cli.main(["--train-step", "--train-preset", "gpt9"])

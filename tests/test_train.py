@@ -1,0 +1,203 @@
+"""fastavg-train: presets, the data pipeline, a tiny run end to end, resume, DDP, bad options."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from fastavg.train import cli, data, loop
+from fastavg.train.model import GPT, config_for
+
+TEXT = ("def f(x):\n    return x * 2  # a line of python\n" * 400).encode()
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(TEXT)
+    return str(path)
+
+
+def _args(tmp_path, text_file, *extra):
+    return cli.parse_args(["--data", text_file, "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"),
+                           "--steps", "30", "--eval-interval", "10", "--batch-size", "4", "--block-size", "32",
+                           "--eval-batches", "2", "--warmup", "5", "--no-progress", *extra])  # fmt: skip
+
+
+@pytest.mark.parametrize("preset, expected", [("gpt2", 124e6), ("gpt2-medium", 355e6), ("gpt2-large", 774e6)], ids=str)
+def test_gpt2_parameter_counts(preset, expected):
+    with torch.device("meta"):
+        model = GPT(config_for(preset, data.BPE_VOCAB))
+    assert abs(model.num_params() - expected) / expected < 0.01
+    assert model.config.block_size == 1024
+    assert model.lm_head.weight is model.wte.weight  # tied
+    assert not any(name.endswith("bias") for name, _ in model.named_parameters())
+
+
+def test_nano_is_small_and_weight_decay_only_on_matrices():
+    model = GPT(config_for("nano", 256))
+    assert model.num_params() < 1_000_000
+    decay, no_decay = model.param_groups(0.1)
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+
+
+def test_default_corpus_is_the_standard_library(tmp_path):
+    corpus = data.load_corpus(None, str(tmp_path))
+    assert corpus.vocab_size == 256 and "standard library" in corpus.description
+    total = sum(os.path.getsize(f) for f in data.stdlib_files())
+    assert len(corpus.train) + len(corpus.val) == total > 10_000_000
+    assert abs(len(corpus.val) / total - data.VAL_FRACTION) < 1e-6
+    again = data.load_corpus(None, str(tmp_path))  # cached: same split, nothing rebuilt
+    assert np.array_equal(again.val[:1000], corpus.val[:1000])
+
+
+def test_text_file_and_folder(tmp_path, text_file):
+    one = data.load_corpus(text_file, str(tmp_path / "c"))
+    assert bytes(one.train[:20]) == TEXT[:20] and bytes(one.val[-10:]) == TEXT[-10:]
+    assert len(one.train) + len(one.val) == len(TEXT)
+    folder = tmp_path / "texts"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_bytes(b"A" * 500)
+    (folder / "sub" / "b.txt").write_bytes(b"B" * 500)
+    two = data.load_corpus(str(folder), str(tmp_path / "c"))
+    assert bytes(two.train[:1]) == b"A" and bytes(two.val[-1:]) == b"B" and len(two.val) == 100
+
+
+def test_nanogpt_bin_folder(tmp_path):
+    folder = tmp_path / "owt"
+    folder.mkdir()
+    np.arange(5000, dtype=np.uint16).tofile(folder / "train.bin")
+    np.arange(300, dtype=np.uint16).tofile(folder / "val.bin")
+    corpus = data.load_corpus(str(folder))
+    assert corpus.vocab_size == 50304 and len(corpus.train) == 5000 and corpus.train.dtype == np.uint16
+    x, y = data.get_batch(corpus.train, 3, 8, torch.Generator().manual_seed(0))
+    assert x.dtype == torch.int64 and torch.equal(x[:, 1:], y[:, :-1]) and torch.equal(y - x, torch.ones_like(x))
+
+
+def test_data_errors(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        data.load_corpus(str(tmp_path / "missing"))
+    (tmp_path / "half").mkdir()
+    np.zeros(10, dtype=np.uint16).tofile(tmp_path / "half" / "train.bin")
+    with pytest.raises(ValueError, match="val.bin"):
+        data.load_corpus(str(tmp_path / "half"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no non-empty files"):
+        data.load_corpus(str(tmp_path / "empty"))
+    small = tmp_path / "small.txt"
+    small.write_bytes(b"x" * 200)
+    with pytest.raises(ValueError, match="fewer than one context"):
+        data.check_fits(data.load_corpus(str(small), str(tmp_path / "c")), 64)
+
+
+def test_tiny_run_end_to_end(tmp_path, text_file, capsys):
+    args = _args(tmp_path, text_file)
+    last = loop.train(args)
+    out = tmp_path / "run"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [10, 20, 30] and records[-1] == last
+    for r in records:
+        assert set(r) == {"step", "tokens", "lr", "train_loss", "val_loss"}
+        assert set(r["val_loss"]) == {"raw", "ema", "swa", "lawa"}
+        assert all(isinstance(v, float) and v == v for v in r["val_loss"].values())
+    assert records[-1]["tokens"] == 30 * 4 * 32
+    for name in ("val_loss.png", "model_raw.pt", "model_ema.pt", "model_swa.pt", "model_lawa.pt", "ckpt.pt"):
+        assert (out / name).exists(), name
+    raw, lawa = torch.load(out / "model_raw.pt"), torch.load(out / "model_lawa.pt")
+    assert raw.keys() == lawa.keys() and not all(torch.equal(raw[k], lawa[k]) for k in raw)
+    printed = capsys.readouterr().out
+    assert "validation loss" in printed and "lowest validation loss" in printed
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_after_an_interruption_is_bit_exact(tmp_path, text_file, monkeypatch):
+    loop.train(_args(tmp_path / "a", text_file))
+    # The same run, killed right after its step-20 checkpoint, then resumed.
+    real_note = loop.Progress.note
+
+    def note_then_die(self, text):
+        real_note(self, text)
+        if text.startswith("step     20"):
+            raise _Interrupt
+
+    monkeypatch.setattr(loop.Progress, "note", note_then_die)
+    with pytest.raises(_Interrupt):
+        loop.train(_args(tmp_path / "b", text_file))
+    monkeypatch.setattr(loop.Progress, "note", real_note)
+    loop.train(_args(tmp_path / "b", text_file, "--resume"))
+    a, b = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    assert (a / "metrics.jsonl").read_text() == (b / "metrics.jsonl").read_text()
+    for name in ("raw", "ema", "swa", "lawa"):
+        x, y = torch.load(a / f"model_{name}.pt"), torch.load(b / f"model_{name}.pt")
+        assert all(torch.equal(x[k], y[k]) for k in x), name
+
+
+def test_two_process_ddp_run(tmp_path, text_file):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+               "-m", "fastavg.train", "--data", text_file, "--out", str(tmp_path / "ddp"), "--cache-dir",
+               str(tmp_path / "cache"), "--steps", "10", "--eval-interval", "5", "--batch-size", "4",
+               "--block-size", "32", "--eval-batches", "4", "--no-progress"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "averages identical on all 2 ranks" in result.stdout
+    assert "x2" in result.stdout  # one header line, from rank 0 only
+    assert result.stdout.count("fastavg-train:") == 1
+    records = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [5, 10] and records[-1]["tokens"] == 10 * 4 * 32 * 2
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--preset", "gpt5"], "unknown preset"),
+        (["--averages", "ema", "polyak"], "unknown average"),
+        (["--averages", "ema", "ema"], "twice"),
+        (["--data", "/no/such/path"], "does not exist"),
+        (["--steps", "0"], "--steps"),
+        (["--block-size", "4096"], "longer than"),
+        (["--lr", "1e-3", "--standard-lr"], "one"),
+        (["--ema-decay", "1.5"], "ema-decay"),
+        (["--resume", "--out", "/tmp/fastavg-no-such-run"], "no checkpoint"),
+    ],
+)
+def test_bad_options_fail_before_any_work(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        cli.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_batch_larger_than_the_data_is_refused(tmp_path):
+    small = tmp_path / "small.txt"
+    small.write_bytes(b"y" * 300)
+    args = cli.parse_args(["--data", str(small), "--out", str(tmp_path / "r"), "--cache-dir", str(tmp_path / "c")])
+    with pytest.raises(SystemExit, match="fewer than one context"):
+        loop.train(args)
+    assert not (tmp_path / "r").exists()  # no work, no outputs
+
+
+def test_defaults_are_the_papers_recipe():
+    args = cli.parse_args(["--preset", "gpt2"])
+    assert args.lr == 6e-3 and args.batch_size == 16 and args.grad_accum == 8 and args.weight_decay == 0.1
+    assert args.clip == 1.0 and args.averages == ["ema", "swa", "lawa"] and args.lawa_window == 5
+    assert args.lawa_every == args.eval_interval
+    assert cli.parse_args(["--preset", "gpt2", "--standard-lr"]).lr == pytest.approx(6e-4)
+    assert (
+        cli.parse_args(["--preset", "gpt2-medium"]).lr == 3e-3 and cli.parse_args(["--preset", "gpt2-large"]).lr == 2e-3
+    )
+
+
+def test_learning_rate_schedule():
+    args = cli.parse_args(["--steps", "1000", "--warmup", "100", "--lr", "1e-2", "--min-lr-ratio", "0.1"])
+    lrs = [loop.lr_at(s, args) for s in range(1000)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[99] == pytest.approx(1e-2)
+    assert all(a <= b for a, b in zip(lrs[:100], lrs[1:100]))  # warm-up rises
+    assert all(a >= b for a, b in zip(lrs[100:], lrs[101:]))  # cosine falls
+    assert loop.lr_at(1000, args) == pytest.approx(1e-3)
