@@ -1,4 +1,5 @@
-"""Swap kernels for averaged(): backup = p; p = average (or the LAWA ring mean); and restore.
+"""The swap kernel for averaged(), in three modes: backup = p; p = average (FROM_AVERAGE), or
+p = the LAWA ring mean (FROM_RING); and p = backup (RESTORE).
 
 One backup buffer in the parameter dtype. Bytes per element, bf16 params and fp32 averages:
 swap_in_ 10 (p, avg read; backup, p written); swap_in_ring_ 2 x count + 6; restore_ 4.
@@ -22,21 +23,27 @@ def _ring_mean(ring, flat, mask, stride, count, AVG_DTYPE: tl.constexpr, MASKED:
     return cast(total / count, AVG_DTYPE)
 
 
+# What swap_kernel writes into the parameters (its MODE).
+FROM_AVERAGE, FROM_RING, RESTORE = 0, 1, 2
+
+
 @triton.jit
 def _swap_block(p_ptr, flat, mask, backup, source, stride, count,
-                FROM_RING: tl.constexpr, AVG_DTYPE: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
-    store(backup + flat, load(p_ptr, mask, MASKED), mask, MASKED)
-    if FROM_RING:
-        value = _ring_mean(source, flat, mask, stride, count, AVG_DTYPE, MASKED)
+                MODE: tl.constexpr, AVG_DTYPE: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
+    if MODE == 2:  # RESTORE: p = backup
+        store(p_ptr, load(backup + flat, mask, MASKED), mask, MASKED)
     else:
-        value = load(source + flat, mask, MASKED)
-    store(p_ptr, cast(value, p_ptr.dtype.element_ty), mask, MASKED)
+        store(backup + flat, load(p_ptr, mask, MASKED), mask, MASKED)
+        if MODE == 1:  # FROM_RING
+            value = _ring_mean(source, flat, mask, stride, count, AVG_DTYPE, MASKED)
+        else:
+            value = load(source + flat, mask, MASKED)
+        store(p_ptr, cast(value, p_ptr.dtype.element_ty), mask, MASKED)
 
 
 @triton.jit
-def swap_in_kernel(table, n_rows, backup, source, stride, count,
-                   P_DTYPE: tl.constexpr, AVG_DTYPE: tl.constexpr, FROM_RING: tl.constexpr,
-                   BLOCK: tl.constexpr):  # fmt: skip
+def swap_kernel(table, n_rows, backup, source, stride, count,
+                P_DTYPE: tl.constexpr, AVG_DTYPE: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     stride = tl.cast(stride, tl.int64)  # ring row stride: slot x N passes 2^31 on large models
     for r in range(tl.program_id(0), n_rows, tl.num_programs(0)):
         pointer, offset, length, aligned = row(table, r, P_DTYPE)
@@ -47,62 +54,37 @@ def swap_in_kernel(table, n_rows, backup, source, stride, count,
         for start in range(0, full, BLOCK):
             index = tl.max_contiguous(tl.multiple_of(start + tl.arange(0, BLOCK), BLOCK), BLOCK)
             p_ptr, flat = aligned_pointer + index, aligned_offset + index
-            _swap_block(p_ptr, flat, None, backup, source, stride, count, FROM_RING, AVG_DTYPE, False)
+            _swap_block(p_ptr, flat, None, backup, source, stride, count, MODE, AVG_DTYPE, False)
         for start in range(full, length, BLOCK):
             index = start + tl.arange(0, BLOCK)
             _swap_block(pointer + index, offset + index, index < length, backup, source, stride, count,
-                        FROM_RING, AVG_DTYPE, True)  # fmt: skip
+                        MODE, AVG_DTYPE, True)  # fmt: skip
 
 
-@triton.jit
-def _restore_block(p_ptr, flat, mask, backup, MASKED: tl.constexpr):
-    store(p_ptr, load(backup + flat, mask, MASKED), mask, MASKED)
-
-
-@triton.jit
-def restore_kernel(table, n_rows, backup, P_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    for r in range(tl.program_id(0), n_rows, tl.num_programs(0)):
-        pointer, offset, length, aligned = row(table, r, P_DTYPE)
-        full = full_blocks_end(length, aligned, BLOCK)
-        # The aligned loop's own hinted copy of address and offset (see access.py).
-        aligned_pointer = tl.multiple_of(tl.load(table + r * 4).to(tl.pointer_type(P_DTYPE)), 16)
-        aligned_offset = tl.multiple_of(tl.load(table + r * 4 + 1), 8)
-        for start in range(0, full, BLOCK):
-            index = tl.max_contiguous(tl.multiple_of(start + tl.arange(0, BLOCK), BLOCK), BLOCK)
-            p_ptr, flat = aligned_pointer + index, aligned_offset + index
-            _restore_block(p_ptr, flat, None, backup, False)
-        for start in range(full, length, BLOCK):
-            index = start + tl.arange(0, BLOCK)
-            _restore_block(pointer + index, offset + index, index < length, backup, True)
-
-
-def _swap(params, table, backup, source, stride, count, avg_dtype, from_ring) -> None:
+def _launch(params, table, backup, source, stride, count, avg_dtype, mode) -> None:
     n_rows = table.shape[0]
     if n_rows == 0:
         return
-    swap_in_kernel[(grid_size(n_rows, table.device),)](
+    swap_kernel[(grid_size(n_rows, table.device),)](
         table, n_rows, backup, source, stride, count,
-        P_DTYPE=TL_DTYPES[params[0].dtype], AVG_DTYPE=TL_DTYPES[avg_dtype], FROM_RING=from_ring,
+        P_DTYPE=TL_DTYPES[params[0].dtype], AVG_DTYPE=TL_DTYPES[avg_dtype], MODE=mode,
         BLOCK=BLOCK, num_warps=NUM_WARPS,
     )  # fmt: skip
 
 
 def swap_in_(params, table, backup, average) -> None:
     """``backup = p; p = average`` (cast to the parameter dtype), one launch."""
-    _swap(params, table, backup, average, 0, 1, average.dtype, False)
+    _launch(params, table, backup, average, 0, 1, average.dtype, FROM_AVERAGE)
 
 
 def swap_in_ring_(params, table, backup, ring, count, dtype) -> None:
     """``backup = p; p = mean(ring[:count])`` (float64 sum, rounded to ``dtype``, then to p's), one launch."""
     if not 1 <= count <= ring.shape[0]:
         raise ValueError(f"count must be in [1, {ring.shape[0]}], got {count}")
-    _swap(params, table, backup, ring, ring.stride(0), count, dtype, True)
+    _launch(params, table, backup, ring, ring.stride(0), count, dtype, FROM_RING)
 
 
 def restore_(params, table, backup) -> None:
     """``p = backup``, bit for bit, one launch."""
-    n_rows = table.shape[0]
-    if n_rows:
-        restore_kernel[(grid_size(n_rows, table.device),)](
-            table, n_rows, backup, P_DTYPE=TL_DTYPES[params[0].dtype], BLOCK=BLOCK, num_warps=NUM_WARPS
-        )
+    # source = backup: an unused valid pointer (RESTORE reads only the backup).
+    _launch(params, table, backup, backup, 0, 1, backup.dtype, RESTORE)

@@ -84,26 +84,15 @@ def test_update_kernel_vectorises_aligned_rows(arch, p_dtype, ring, n_avg, n_rin
 
 @compiling
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("from_ring", [False, True])
-def test_swap_in_kernel_vectorises(arch, from_ring):
-    sig = {"table": "*i64", "n_rows": "i32", "backup": "*bf16", "source": "*bf16" if from_ring else "*fp32",
-           "stride": "i64", "count": "i32"}  # fmt: skip
-    counts = _ptx(
-        swap.swap_in_kernel,
-        sig,
-        {"P_DTYPE": tl.bfloat16, "AVG_DTYPE": tl.float32, "FROM_RING": from_ring, "BLOCK": BLOCK},
-        arch,
-    )
-    assert _vector(counts, "ld") >= 2 and _vector(counts, "st") >= 2, counts
-    assert counts["ld.global.b16"] > 0, counts
-
-
-@compiling
-@pytest.mark.parametrize("arch", ARCHS)
-def test_restore_kernel_vectorises(arch):
-    sig = {"table": "*i64", "n_rows": "i32", "backup": "*bf16"}
-    counts = _ptx(swap.restore_kernel, sig, {"P_DTYPE": tl.bfloat16, "BLOCK": BLOCK}, arch)
-    assert _vector(counts, "ld") >= 1 and _vector(counts, "st") >= 1, counts
+@pytest.mark.parametrize("mode", [swap.FROM_AVERAGE, swap.FROM_RING, swap.RESTORE], ids=["average", "ring", "restore"])
+def test_swap_kernel_vectorises(arch, mode):
+    source = "*bf16" if mode == swap.FROM_RING else "*fp32"
+    sig = {"table": "*i64", "n_rows": "i32", "backup": "*bf16", "source": source, "stride": "i64", "count": "i32"}
+    consts = {"P_DTYPE": tl.bfloat16, "AVG_DTYPE": tl.float32, "MODE": mode, "BLOCK": BLOCK}
+    counts = _ptx(swap.swap_kernel, sig, consts, arch)
+    writes = 1 if mode == swap.RESTORE else 2  # restore: p; swap in: backup and p
+    assert _vector(counts, "ld") >= writes and _vector(counts, "st") >= writes, counts
+    assert counts["ld.global.b16"] > 0, counts  # the masked path stays scalar
 
 
 @compiling
