@@ -21,8 +21,12 @@ class _Average:
         self.n = 0
         if isinstance(spec, LAWA):
             # The ring holds the latest `window` snapshots in the parameter dtype, exactly; the mean
-            # is taken when it is read, so it never drifts (DESIGN.md).
-            self.buffers = [torch.zeros(spec.window, g.numel, dtype=g.dtype, device=g.device) for g in groups]
+            # is taken when it is read, so it never drifts (DESIGN.md). Rows are padded to a multiple
+            # of 8 elements so every slot starts 16-byte aligned (vector stores in the kernels).
+            self.buffers = [
+                torch.zeros(spec.window, -(-g.numel // 8) * 8, dtype=g.dtype, device=g.device)[:, : g.numel]
+                for g in groups
+            ]
         else:
             self.buffers = [torch.zeros(g.numel, dtype=g.average_dtype, device=g.device) for g in groups]
 
@@ -101,17 +105,15 @@ class Averager:
 
     def advance(self, due: list[_Average]) -> None:
         """Advance ``t`` and update ``due`` (= ``due_at(t + 1)``, parameters already checked)."""
-        self._t += 1
         if due:
             self._update(due)
+        self._t += 1  # after the update: if it raised, the schedule has not moved
 
     def _update(self, due: list[_Average]) -> None:
         lerped = [a for a in due if not a.is_ring]
         rings = [a for a in due if a.is_ring]
-        for a in due:
-            a.n += 1
-        weights = [a.spec.weight(a.n) for a in lerped]
-        slots = [a.spec.slot(a.n) for a in rings]
+        weights = [a.spec.weight(a.n + 1) for a in lerped]
+        slots = [a.spec.slot(a.n + 1) for a in rings]
         with torch.no_grad():
             # One op call per group, whatever the number and kinds of due averages.
             for gi, group in enumerate(self._groups):
@@ -124,6 +126,8 @@ class Averager:
                     [a.buffers[gi] for a in rings],
                     slots,
                 )
+        for a in due:
+            a.n += 1
 
     # -- reading the averages ----------------------------------------------------------------
     def _get(self, name: str | None) -> _Average:

@@ -118,3 +118,25 @@ def test_channels_last_parameters_are_averaged_in_their_layout(backend):
     torch.testing.assert_close(avg.averaged_params()[0], expected)
     with avg.averaged():
         torch.testing.assert_close(conv.weight.detach(), expected)
+
+
+def test_lawa_ring_slots_start_16_byte_aligned():
+    params = [torch.nn.Parameter(torch.zeros(7, dtype=torch.bfloat16))]  # 7 elements: an odd row
+    avg = fastavg.Averager(params, LAWA(window=4, every=1))
+    ring = avg._averages["lawa"].buffers[0]
+    assert ring.shape == (4, 7) and all(ring[k].data_ptr() % 16 == 0 for k in range(4))
+
+
+def test_a_failing_update_leaves_the_schedule_where_it_was(monkeypatch, backend):
+    params = make_params([(4,)])
+    avg = fastavg.Averager(params, {"e": EMA(0.5), "l": LAWA(2, every=1)}, backend=backend)
+    avg.step()
+    impls = avg._groups[0].backend.impls
+
+    def broken(*args):
+        raise RuntimeError("kernel failed")
+
+    monkeypatch.setitem(impls, "update_", broken)
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        avg.step()
+    assert avg.step_count == 1 and avg.num_averaged("e") == 1 and avg.num_averaged("l") == 1
