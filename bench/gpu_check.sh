@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One call on a fresh GPU machine (torch, triton, nvcc, ninja present; no network; Python 3.12):
-# install fastavg, run the whole test suite (the `cuda` tests and the PTX checks compile real
-# Triton kernels here), benchmark every backend on GPT-2 124M shapes against the stock paths and
-# the measured copy bandwidth, time the host side of step(), and write everything under $OUT
+# install fastavg (building the CUDA extension), run the whole test suite (the `cuda` tests run the
+# native CUDA kernels and real Triton compilation here), benchmark every backend on GPT-2 124M
+# shapes against the stock paths and the measured copy bandwidth, time the host side of step(),
+# and write everything under $OUT
 # (7 files; the device tool returns at most 8). Stage timeouts add up to 7.5 minutes, inside the 8 allowed.
 #   OUT=/some/dir bash bench/gpu_check.sh
 set -uo pipefail
@@ -15,11 +16,18 @@ started=$(date +%s)
 log="$OUT/env_and_install.txt"
 
 { nvidia-smi || true; "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"; } >"$log" 2>&1
-# No network there: install without fetching anything; fall back to the source tree on the path.
-if ! "$PY" -m pip install -q --no-build-isolation --no-deps --no-index -e . >>"$log" 2>&1; then
+# No network there: install without fetching anything (this builds fastavg._C with its CUDA
+# kernels, for the running GPU's architecture only, to keep the build short); fall back to the
+# source tree on the path.
+arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1)
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-${arch:-9.0}}
+build_started=$(date +%s)
+if ! "$PY" -m pip install -v --no-build-isolation --no-deps --no-index -e . >>"$log" 2>&1; then
   echo "pip install failed (see above); using the source tree" | tee -a "$log"
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
+echo "install + native build: $(( $(date +%s) - build_started )) s for TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST" | tee -a "$log"
+"$PY" -c "import fastavg; print('backends on cuda:', fastavg.available_backends('cuda'))" 2>&1 | tee -a "$log"
 
 # A fresh machine JIT-compiles every Triton specialisation the tests touch: spread them over
 # workers when pytest-xdist is there (it is on the GPU image).
@@ -71,6 +79,12 @@ try:
     summary["train_step_overhead_pct"] = {r["impl"]: round(r["overhead_pct"], 2) for r in steps}
 except (OSError, ValueError, KeyError) as err:
     summary["train_step"] = f"no train-step results: {err}"
+try:
+    import fastavg
+    summary["backends_cuda"] = fastavg.available_backends("cuda")
+    summary["build"] = [l.strip() for l in open(f"{out}/env_and_install.txt") if l.startswith("install + native build")]
+except Exception as err:  # the summary must be written whatever broke
+    summary["backends_cuda"] = f"fastavg did not import: {err}"
 summary["wall_s"] = int(time.time()) - started
 json.dump(summary, open(f"{out}/summary.json", "w"), indent=2)
 print(json.dumps(summary, indent=2))

@@ -88,9 +88,6 @@ class Backend:
 
 
 _BACKENDS: dict[str, Backend] = {}
-_UNBUILT: dict[str, str] = {
-    "native": "the native (C++/CUDA) extension is not part of this version of fastavg yet (use 'triton' on CUDA, 'torch' on the CPU)",
-}
 BACKEND_NAMES = ("torch", "triton", "native")
 
 
@@ -122,7 +119,7 @@ def available_backends(device=None) -> dict[str, str | None]:
     out = {}
     for name in BACKEND_NAMES:
         backend = _BACKENDS.get(name)
-        out[name] = _UNBUILT.get(name, "not registered") if backend is None else backend.unavailable(device_type)
+        out[name] = "not registered" if backend is None else backend.unavailable(device_type)
     return out
 
 
@@ -143,4 +140,4 @@ def resolve_backend(name: str, device_type: str) -> Backend:
 
 def _load_backends() -> None:
     # Imported here, not at module top: each backend module imports this one to register itself.
-    from . import torch_backend, triton_backend  # noqa: F401
+    from . import native_backend, torch_backend, triton_backend  # noqa: F401

@@ -4,9 +4,9 @@ Each kernel sits beside its launcher. The parameters of a flat group are read th
 built once per group (``table.py``): one launch covers any number of tensors.
 """
 
+from ..table import build_table
 from .ring_mean import ring_mean_
 from .swap import restore_, swap_in_, swap_in_ring_
-from .table import build_table
 from .update import update_
 
 __all__ = ["build_table", "update_", "swap_in_", "swap_in_ring_", "restore_", "ring_mean_"]

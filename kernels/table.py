@@ -1,4 +1,4 @@
-"""The table a group's kernels read parameters through, and how launches are sized."""
+"""How the Triton launches are sized and which dtypes they name (the table itself: fastavg/table.py)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,9 @@ import os
 import torch
 import triton.language as tl
 
-# Rows cover at most this many elements of one parameter, so work splits evenly across programs
-# whatever the tensor sizes (GPT-2 124M: about 2,000 rows).
-CHUNK = 1 << 16
+from ..table import build_table  # noqa: F401  (the kernels read parameters through it)
+
 NUM_WARPS = 4
-# A row is "aligned" when its parameter address is 16-byte aligned and its flat offset a multiple
-# of 8 elements: then 16-byte vector access is valid for every dtype of params, averages and rings.
-ALIGN_BYTES, ALIGN_ELEMENTS = 16, 8
-COLUMNS = 4  # address, flat offset, length, aligned
 
 TL_DTYPES = {
     torch.float16: tl.float16,
@@ -37,20 +32,6 @@ INTERPRET = interpreting()
 BLOCK = 4096 if INTERPRET else 1024
 
 
-def build_table(flat_params: list[torch.Tensor]) -> torch.Tensor:
-    """``(rows, 4)`` int64 on the parameters' device: (address, flat offset, length, aligned) per chunk."""
-    rows, offset = [], 0
-    for p in flat_params:
-        numel, item, address = p.numel(), p.element_size(), p.data_ptr()
-        for start in range(0, numel, CHUNK):
-            row_address = address + start * item
-            aligned = row_address % ALIGN_BYTES == 0 and (offset + start) % ALIGN_ELEMENTS == 0
-            rows.append((row_address, offset + start, min(CHUNK, numel - start), int(aligned)))
-        offset += numel
-    table = torch.tensor(rows, dtype=torch.int64).reshape(-1, COLUMNS)
-    return table.to(flat_params[0].device) if flat_params else table
-
-
 @functools.cache
 def _max_programs(device_index: int) -> int:
     # A persistent grid: 8 programs of 4 warps per SM keep enough loads in flight to reach the
@@ -62,9 +43,8 @@ def grid_size(work_items: int, device: torch.device) -> int:
     """Programs to launch over ``work_items`` rows or blocks."""
     if device.type != "cuda":
         return max(1, work_items)
-    return max(
-        1, min(work_items, _max_programs(device.index if device.index is not None else torch.cuda.current_device()))
-    )
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return max(1, min(work_items, _max_programs(index)))
 
 
 def split_weight(weight: float) -> tuple[float, float, int]:

@@ -7,7 +7,7 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip "setuptools>=64" wheel
+.venv/bin/python -m pip install -q --upgrade pip "setuptools>=64" wheel ninja
 # Pin torch: a bare `torch` (or an open range) with nothing installed pulls a multi-GB CUDA build.
 .venv/bin/python -m pip install -q "torch==${FASTAVG_TORCH_VERSION:-2.13.0}"
 .venv/bin/python -m pip install -q --no-build-isolation -e ".[test]"

@@ -13,7 +13,7 @@ import fastavg
 
 from . import cases, report
 from .shapes import GPT2_SIZES, gpt2_shapes, parameter_shapes
-from .timing import copy_bandwidth_gbps, median_ms
+from .timing import copy_bandwidth_gbps, interleaved_median_ms
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -111,21 +111,19 @@ def run_dtype(update, dtype, shapes, device, backends, repeats, warmup, copy_gbp
         lambda: cases.loop_case(update, params, average_dtype),
         lambda: cases.averaged_model_case(update, params),
     ]
+    built = [case for case in (make() for make in makers) if case is not None]
+    with torch.no_grad():  # as in a training loop's averaging: no autograd on the parameters
+        times = interleaved_median_ms([case.step for case in built], device, repeats, warmup)
     records = []
-    for make in makers:
-        case = make()
-        if case is None:
-            continue
-        with torch.no_grad():  # as in a training loop's averaging: no autograd on the parameters
-            ms = median_ms(case.step, device, repeats, warmup)
+    for case, ms in zip(built, times):
         gbps = numel * bytes_per_element / (ms * 1e-3) / 1e9
         records.append({
             "update": update, "impl": case.impl, "dtype": str(dtype).replace("torch.", ""), "numel": numel,
             "median_ms": ms, "gbps": gbps, "pct_of_copy": 100 * gbps / copy_gbps,
             "bytes_per_element": bytes_per_element, "same_numerics": case.same_numerics, "note": case.note,
         })  # fmt: skip
-        del case
-        gc.collect()
+    del built
+    gc.collect()
     by_impl = {r["impl"]: r["median_ms"] for r in records}
     for r in records:
         stock, averaged_model = by_impl.get("stock-foreach"), by_impl.get("AveragedModel")

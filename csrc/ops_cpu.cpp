@@ -1,0 +1,245 @@
+// CPU kernels of fastavg's fused ops (schemas: register.cpp, semantics: fastavg/ops.py).
+// Each parameter is walked once per call; the table argument is not needed on the CPU.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "fastavg_math.h"
+
+namespace fastavg {
+namespace {
+
+constexpr int64_t kBlock = 1024;    // elements converted once, then used by every average
+constexpr int64_t kGrain = 1 << 15;  // elements per parallel task
+
+// float for 16/32-bit averages (torch's opmath), double for double.
+template <typename A>
+using Math = typename std::conditional<std::is_same<A, double>::value, double, float>::type;
+
+void check_group(at::TensorList params, const char* op) {
+  for (const auto& p : params) {
+    TORCH_CHECK(p.dim() == 1 && p.is_contiguous(), op, ": params must be 1-D contiguous views");
+    TORCH_CHECK(p.scalar_type() == params[0].scalar_type(), op, ": params of one dtype");
+  }
+}
+
+int64_t total_numel(at::TensorList params) {
+  int64_t n = 0;
+  for (const auto& p : params) n += p.numel();
+  return n;
+}
+
+// The inner loops, on restrict pointers (with float parameters and float averages nothing else tells
+// the compiler the buffers do not overlap). An extension builds for baseline x86-64 (SSE2) while
+// ATen dispatches AVX2/AVX-512 kernels at run time: target_clones compiles these loops for AVX2
+// and AVX-512 too and picks one when the library loads, so the .so still runs on any x86-64.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FASTAVG_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FASTAVG_CLONES
+#endif
+
+template <typename T, typename U>
+FASTAVG_CLONES void convert(T* __restrict__ dst, const U* __restrict__ src, int64_t n) {
+  if constexpr (std::is_same_v<T, U>) {
+    std::memcpy(dst, src, n * sizeof(T));  // c10::BFloat16 copies element by element otherwise
+  } else {
+    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<T>(src[j]);
+  }
+}
+
+template <typename A, typename M>
+FASTAVG_CLONES void lerp_into(A* __restrict__ average, const M* __restrict__ p, int64_t n, M w) {
+  for (int64_t j = 0; j < n; ++j) average[j] = static_cast<A>(lerp(static_cast<M>(average[j]), p[j], w));
+}
+
+template <typename P, typename A>
+void update_impl(at::TensorList params, at::TensorList averages, at::ArrayRef<double> weights,
+                 at::TensorList rings, at::IntArrayRef slots) {
+  using M = Math<A>;
+  std::vector<A*> avg;
+  std::vector<M> w;
+  std::vector<bool> copy;
+  for (size_t k = 0; k < averages.size(); ++k) {
+    avg.push_back(averages[k].data_ptr<A>());
+    w.push_back(static_cast<M>(weights[k]));
+    copy.push_back(weights[k] == 1.0);
+  }
+  std::vector<P*> slot;
+  for (size_t k = 0; k < rings.size(); ++k) slot.push_back(rings[k].data_ptr<P>() + slots[k] * rings[k].stride(0));
+  int64_t offset = 0;
+  for (const auto& param : params) {
+    const P* p = param.data_ptr<P>();
+    const int64_t base = offset;
+    at::parallel_for(0, param.numel(), kGrain, [&](int64_t begin, int64_t end) {
+      if (avg.empty()) {  // rings alone: one copy of the whole range, nothing to convert
+        for (size_t k = 0; k < slot.size(); ++k) convert(slot[k] + base + begin, p + begin, end - begin);
+        return;
+      }
+      M block[kBlock];
+      for (int64_t start = begin; start < end; start += kBlock) {
+        const int64_t n = std::min(kBlock, end - start);
+        // Block by block, so the parameters are read from memory once for rings and averages alike.
+        for (size_t k = 0; k < slot.size(); ++k) convert(slot[k] + base + start, p + start, n);
+        // Parameters already in the math type are read in place; others are converted once per block.
+        const M* source = reinterpret_cast<const M*>(p + start);
+        if (!std::is_same<P, M>::value) {
+          convert(block, p + start, n);
+          source = block;
+        }
+        for (size_t k = 0; k < avg.size(); ++k) {
+          if (copy[k]) {
+            convert(avg[k] + base + start, source, n);
+          } else {
+            lerp_into(avg[k] + base + start, source, n, w[k]);
+          }
+        }
+      }
+    });
+    offset += param.numel();
+  }
+}
+
+void update_cpu(at::TensorList params, const at::Tensor& table, at::TensorList averages,
+                at::ArrayRef<double> weights, at::TensorList rings, at::IntArrayRef slots) {
+  check_group(params, "update_");
+  TORCH_CHECK(averages.size() == weights.size(), "update_: one weight per average");
+  TORCH_CHECK(rings.size() == slots.size(), "update_: one slot per ring");
+  if (params.empty() || (averages.empty() && rings.empty())) return;
+  const int64_t n = total_numel(params);
+  for (const auto& a : averages) {
+    TORCH_CHECK(a.numel() == n && a.is_contiguous() && a.scalar_type() == averages[0].scalar_type(),
+                "update_: averages must be contiguous (N,) buffers of one dtype");
+  }
+  for (size_t k = 0; k < rings.size(); ++k) {
+    TORCH_CHECK(rings[k].dim() == 2 && rings[k].size(1) == n && rings[k].stride(1) == 1 &&
+                    rings[k].scalar_type() == params[0].scalar_type(),
+                "update_: rings must be (window, N) in the parameter dtype");
+    TORCH_CHECK(slots[k] >= 0 && slots[k] < rings[k].size(0), "update_: ring slot out of range");
+  }
+  const auto avg_type = averages.empty() ? at::kFloat : averages[0].scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "update_", [&] {
+    using P = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, avg_type, "update_avg", [&] {
+      update_impl<P, scalar_t>(params, averages, weights, rings, slots);
+    });
+  });
+}
+
+// backup = p; p = source (a flat average, or the mean of a ring's first `count` rows).
+template <typename P, typename A, bool FromRing>
+void swap_impl(at::TensorList params, P* backup, const void* source, int64_t stride, int64_t count) {
+  int64_t offset = 0;
+  for (const auto& param : params) {
+    P* p = param.data_ptr<P>();
+    const int64_t base = offset;
+    at::parallel_for(0, param.numel(), kGrain, [&](int64_t begin, int64_t end) {
+      convert(backup + base + begin, p + begin, end - begin);
+      if (!FromRing) {
+        convert(p + begin, static_cast<const A*>(source) + base + begin, end - begin);
+        return;
+      }
+      for (int64_t j = begin; j < end; ++j) {
+        const P* ring = static_cast<const P*>(source) + base + j;
+        double total = 0;
+        for (int64_t k = 0; k < count; ++k) total += static_cast<double>(ring[k * stride]);
+        p[j] = static_cast<P>(static_cast<A>(mean(total, count)));
+      }
+    });
+    offset += param.numel();
+  }
+}
+
+void swap_in_cpu(at::TensorList params, const at::Tensor& table, const at::Tensor& backup, const at::Tensor& average) {
+  check_group(params, "swap_in_");
+  if (params.empty()) return;
+  const int64_t n = total_numel(params);
+  TORCH_CHECK(backup.numel() == n && backup.is_contiguous() && backup.scalar_type() == params[0].scalar_type(),
+              "swap_in_: backup must be a contiguous (N,) buffer in the parameter dtype");
+  TORCH_CHECK(average.numel() == n && average.is_contiguous(), "swap_in_: average must be a contiguous (N,) buffer");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "swap_in_", [&] {
+    using P = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, average.scalar_type(), "swap_in_avg", [&] {
+      swap_impl<P, scalar_t, false>(params, backup.data_ptr<P>(), average.data_ptr(), 0, 1);
+    });
+  });
+}
+
+void check_ring(const at::Tensor& ring, int64_t n, int64_t count, const char* op) {
+  TORCH_CHECK(ring.dim() == 2 && ring.size(1) == n && ring.stride(1) == 1, op, ": ring must be (window, N)");
+  TORCH_CHECK_VALUE(count >= 1 && count <= ring.size(0), op, ": count must be in [1, ", ring.size(0), "], got ", count);
+}
+
+void swap_in_ring_cpu(at::TensorList params, const at::Tensor& table, const at::Tensor& backup, const at::Tensor& ring,
+                      int64_t count, at::ScalarType dtype) {
+  check_group(params, "swap_in_ring_");
+  if (params.empty()) return;
+  const int64_t n = total_numel(params);
+  check_ring(ring, n, count, "swap_in_ring_");
+  TORCH_CHECK(backup.numel() == n && backup.is_contiguous() && backup.scalar_type() == params[0].scalar_type(),
+              "swap_in_ring_: backup must be a contiguous (N,) buffer in the parameter dtype");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "swap_in_ring_", [&] {
+    using P = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "swap_in_ring_avg", [&] {
+      swap_impl<P, scalar_t, true>(params, backup.data_ptr<P>(), ring.data_ptr(), ring.stride(0), count);
+    });
+  });
+}
+
+void restore_cpu(at::TensorList params, const at::Tensor& table, const at::Tensor& backup) {
+  check_group(params, "restore_");
+  if (params.empty()) return;
+  TORCH_CHECK(backup.numel() == total_numel(params) && backup.is_contiguous() &&
+                  backup.scalar_type() == params[0].scalar_type(),
+              "restore_: backup must be a contiguous (N,) buffer in the parameter dtype");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "restore_", [&] {
+    const scalar_t* b = backup.data_ptr<scalar_t>();
+    int64_t offset = 0;
+    for (const auto& param : params) {
+      scalar_t* p = param.data_ptr<scalar_t>();
+      const int64_t base = offset;
+      at::parallel_for(0, param.numel(), kGrain,
+                       [&](int64_t begin, int64_t end) { convert(p + begin, b + base + begin, end - begin); });
+      offset += param.numel();
+    }
+  });
+}
+
+void ring_mean_cpu(const at::Tensor& out, const at::Tensor& ring, int64_t count) {
+  const int64_t n = out.numel();
+  TORCH_CHECK(out.is_contiguous(), "ring_mean_: out must be contiguous");
+  check_ring(ring, n, count, "ring_mean_");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, ring.scalar_type(), "ring_mean_", [&] {
+    using R = scalar_t;
+    const R* r = ring.data_ptr<R>();
+    const int64_t stride = ring.stride(0);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "ring_mean_out", [&] {
+      scalar_t* o = out.data_ptr<scalar_t>();
+      at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t j = begin; j < end; ++j) {
+          double total = 0;
+          for (int64_t k = 0; k < count; ++k) total += static_cast<double>(r[k * stride + j]);
+          o[j] = static_cast<scalar_t>(mean(total, count));
+        }
+      });
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastavg_native, CPU, m) {
+  m.impl("update_", &update_cpu);
+  m.impl("swap_in_", &swap_in_cpu);
+  m.impl("swap_in_ring_", &swap_in_ring_cpu);
+  m.impl("restore_", &restore_cpu);
+  m.impl("ring_mean_", &ring_mean_cpu);
+}
+
+}  // namespace fastavg

@@ -1,0 +1,32 @@
+// The CUDA launchers, callable from a host compiler with no CUDA headers: raw pointers, the
+// stream as void*, dtypes as our own codes. Each returns nullptr or a CUDA error message.
+#pragma once
+#include <cstdint>
+
+namespace fastavg {
+namespace cuda {
+
+enum Dtype : int { kHalf = 0, kBFloat16 = 1, kFloat = 2, kDouble = 3 };
+constexpr int kMaxAverages = 4;
+constexpr int kMaxRings = 2;
+
+struct UpdateArgs {
+  const int64_t* table;  // (rows, 4) on the device: address, flat offset, length, aligned
+  int64_t rows;
+  void* averages[kMaxAverages];
+  double weights[kMaxAverages];
+  int n_averages;
+  void* rings[kMaxRings];  // the slot being written, (N,) each
+  int n_rings;
+  bool vectors_ok;  // every average and ring pointer is 16-byte aligned
+};
+
+const char* update(const UpdateArgs& args, Dtype param, Dtype average, int device, void* stream);
+// mode 0: p = average; 1: p = mean(ring[:count]) rounded to `average`; 2: p = backup (restore).
+const char* swap(const int64_t* table, int64_t rows, void* backup, const void* source, int64_t stride, int64_t count,
+                 Dtype param, Dtype average, int mode, bool vectors_ok, int device, void* stream);
+const char* ring_mean(void* out, const void* ring, int64_t n, int64_t stride, int64_t count, Dtype out_dtype,
+                      Dtype ring_dtype, int device, void* stream);
+
+}  // namespace cuda
+}  // namespace fastavg

@@ -1,0 +1,31 @@
+"""The device-side table kernels read a group's parameters through, built once per group.
+
+One int64 row per chunk of a parameter: (address, flat offset, length, aligned). Shared by the
+Triton kernels and the CUDA extension: one launch covers any number of tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Rows cover at most this many elements of one parameter, so work splits evenly across programs
+# whatever the tensor sizes (GPT-2 124M: about 2,000 rows).
+CHUNK = 1 << 16
+# A row is "aligned" when its parameter address is 16-byte aligned and its flat offset a multiple
+# of 8 elements: then 16-byte vector access is valid for every dtype of params, averages and rings.
+ALIGN_BYTES, ALIGN_ELEMENTS = 16, 8
+COLUMNS = 4  # address, flat offset, length, aligned
+
+
+def build_table(flat_params: list[torch.Tensor]) -> torch.Tensor:
+    """``(rows, 4)`` int64 on the parameters' device: (address, flat offset, length, aligned) per chunk."""
+    rows, offset = [], 0
+    for p in flat_params:
+        numel, item, address = p.numel(), p.element_size(), p.data_ptr()
+        for start in range(0, numel, CHUNK):
+            row_address = address + start * item
+            aligned = row_address % ALIGN_BYTES == 0 and (offset + start) % ALIGN_ELEMENTS == 0
+            rows.append((row_address, offset + start, min(CHUNK, numel - start), int(aligned)))
+        offset += numel
+    table = torch.tensor(rows, dtype=torch.int64).reshape(-1, COLUMNS)
+    return table.to(flat_params[0].device) if flat_params else table
