@@ -4,7 +4,7 @@
 # native CUDA kernels and real Triton compilation here), benchmark every backend on GPT-2 124M
 # shapes against the stock paths and the measured copy bandwidth, time the host side of step(),
 # and write everything under $OUT
-# (7 files; the device tool returns at most 8). Stage timeouts add up to 7.5 minutes, inside the 8 allowed.
+# (8 files, the most the device tool returns). Stage timeouts add up to 6.7 minutes with the build.
 #   OUT=/some/dir bash bench/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,12 +32,15 @@ echo "install + native build: $(( $(date +%s) - build_started )) s for TORCH_CUD
 # A fresh machine JIT-compiles every Triton specialisation the tests touch: spread them over
 # workers when pytest-xdist is there (it is on the GPU image).
 workers=$("$PY" -c "import xdist" >/dev/null 2>&1 && echo "-n 8" || true)
-echo "== tests" && timeout 210 "$PY" -m pytest -q -p no:cacheprovider $workers --junitxml="$OUT/tests.xml" 2>&1 | tee "$OUT/tests.log" | tail -15
+# Most valuable first (a lease is short): the GPU tests, the benchmark, the train-step overhead;
+# then the CPU tests with what is left (they also run in CI).
+echo "== cuda tests" && timeout 150 "$PY" -m pytest -q -p no:cacheprovider -m cuda $workers --junitxml="$OUT/tests.xml" 2>&1 | tee "$OUT/tests.log" | tail -15
 tests_rc=${PIPESTATUS[0]}
-echo "== bench" && timeout 120 "$PY" -m fastavg.bench --params gpt2 --json "$OUT/bench_gpt2.json" --plot "$OUT/bench_gpt2.png" 2>&1 | tee -a "$OUT/tests.log"
+echo "== bench" && timeout 100 "$PY" -m fastavg.bench --params gpt2 --json "$OUT/bench_gpt2.json" --plot "$OUT/bench_gpt2.png" 2>&1 | tee -a "$OUT/tests.log"
 # The issue's target: < 1% for gpt2 at the paper's per-GPU batch (16 x 1024 tokens, 8 accumulation steps).
-echo "== train step" && timeout 90 "$PY" -m fastavg.bench --train-step --repeats 5 --warmup 2 --json "$OUT/bench_train_step.json" 2>&1 | tee -a "$OUT/tests.log"
-echo "== step overhead" && timeout 30 "$PY" bench/step_overhead.py --device cuda 2>&1 | tee "$OUT/step_overhead.txt"
+echo "== train step" && timeout 70 "$PY" -m fastavg.bench --train-step --repeats 5 --warmup 2 --json "$OUT/bench_train_step.json" 2>&1 | tee -a "$OUT/tests.log"
+echo "== step overhead" && timeout 20 "$PY" bench/step_overhead.py --device cuda 2>&1 | tee "$OUT/step_overhead.txt"
+echo "== cpu tests (torch $("$PY" -c 'import torch; print(torch.__version__)'))" && timeout 60 "$PY" -m pytest -q -p no:cacheprovider -m "not cuda" $workers 2>&1 | tail -5 | tee -a "$OUT/tests.log"
 
 "$PY" - "$OUT" "$tests_rc" "$started" <<'PY'
 import json, sys, time, xml.etree.ElementTree as ET
