@@ -14,7 +14,7 @@ import sys
 from setuptools import setup
 
 CPU_SOURCES = ["csrc/register.cpp", "csrc/ops_cpu.cpp"]
-CUDA_SOURCES = ["csrc/ops_cuda.cpp", "csrc/ops_cuda.cu"]
+CUDA_SOURCES = ["csrc/cuda_binding.cpp", "csrc/ops_cuda.cu"]
 
 
 def native_build():

@@ -40,7 +40,7 @@ echo "== bench" && timeout 100 "$PY" -m fastavg.bench --params gpt2 --json "$OUT
 # The issue's target: < 1% for gpt2 at the paper's per-GPU batch (16 x 1024 tokens, 8 accumulation steps).
 echo "== train step" && timeout 70 "$PY" -m fastavg.bench --train-step --repeats 5 --warmup 2 --json "$OUT/bench_train_step.json" 2>&1 | tee -a "$OUT/tests.log"
 echo "== step overhead" && timeout 20 "$PY" bench/step_overhead.py --device cuda 2>&1 | tee "$OUT/step_overhead.txt"
-echo "== cpu tests (torch $("$PY" -c 'import torch; print(torch.__version__)'))" && timeout 60 "$PY" -m pytest -q -p no:cacheprovider -m "not cuda" $workers 2>&1 | tail -5 | tee -a "$OUT/tests.log"
+echo "== cpu tests (torch $("$PY" -c 'import torch; print(torch.__version__)'))" && timeout 90 "$PY" -m pytest -q -rf -p no:cacheprovider -m "not cuda" $workers 2>&1 | grep -E "^FAILED|passed|failed" | tee -a "$OUT/tests.log"
 
 "$PY" - "$OUT" "$tests_rc" "$started" <<'PY'
 import json, sys, time, xml.etree.ElementTree as ET

@@ -50,7 +50,8 @@ def render() -> str:
 def _is_bench(path: str) -> bool:
     with open(path) as f:
         data = json.load(f)
-    return isinstance(data, list) and data and data[0].get("record") == "header"
+    # Kernel benchmark runs only (a --train-step run has no per-update rows).
+    return isinstance(data, list) and len(data) > 1 and data[0].get("record") == "header" and "update" in data[1]
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 // CUDA kernels of fastavg's fused ops: plain CUDA over raw pointers (no torch headers), so every
-// source compiles with nvcc anywhere; ops_cuda.cpp binds them to torch. One launch per group walks
+// source compiles with nvcc anywhere; cuda_binding.cpp binds them to torch. One launch per group walks
 // the table of (address, flat offset, length, aligned) rows with a grid sized to the SM count;
 // aligned rows move 16-byte vectors, the rest (misaligned views, tails) go element by element.
 #include <cuda_bf16.h>

@@ -61,10 +61,16 @@ def test_cuda_binding_compiles_against_this_torch(tmp_path):
     if shutil.which(compiler) is None:
         pytest.skip("no C++ compiler")
     includes = [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
-    command = [compiler, "-std=c++20", "-fPIC", "-O1", "-c", str(CSRC / "ops_cuda.cpp"), "-o", str(tmp_path / "b.o"),
+    command = [compiler, "-std=c++20", "-fPIC", "-O1", "-c", str(CSRC / "cuda_binding.cpp"), "-o", str(tmp_path / "b.o"),
                *includes, f"-I{CSRC}"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_extension_sources_have_distinct_object_names():
+    # ninja refuses two sources that compile to one object (ops_cuda.cpp and ops_cuda.cu did, on the GPU machine).
+    stems = [p.stem for p in CSRC.iterdir() if p.suffix in (".cpp", ".cu")]
+    assert len(stems) == len(set(stems)), sorted(stems)
 
 
 def test_install_without_a_working_compiler_succeeds(tmp_path):
