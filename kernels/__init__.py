@@ -5,8 +5,13 @@ built once per group (``table.py``): one launch covers any number of tensors.
 """
 
 from ..table import build_table
+from . import interpreter_fix
 from .ring_mean import ring_mean_
 from .swap import restore_, swap_in_, swap_in_ring_
+from .table import INTERPRET
 from .update import update_
+
+if INTERPRET:
+    interpreter_fix.apply()
 
 __all__ = ["build_table", "update_", "swap_in_", "swap_in_ring_", "restore_", "ring_mean_"]
