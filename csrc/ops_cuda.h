@@ -15,13 +15,15 @@ struct UpdateArgs {
   int64_t rows;
   void* averages[kMaxAverages];
   double weights[kMaxAverages];
+  float weights32[kMaxAverages];  // the same, rounded for float math (filled by update())
+  bool copies[kMaxAverages];      // weight 1: a first update, a copy (filled by update())
   int n_averages;
   void* rings[kMaxRings];  // the slot being written, (N,) each
   int n_rings;
   bool vectors_ok;  // every average and ring pointer is 16-byte aligned
 };
 
-const char* update(const UpdateArgs& args, Dtype param, Dtype average, int device, void* stream);
+const char* update(UpdateArgs args, Dtype param, Dtype average, int device, void* stream);
 // mode 0: p = average; 1: p = mean(ring[:count]) rounded to `average`; 2: p = backup (restore).
 const char* swap(const int64_t* table, int64_t rows, void* backup, const void* source, int64_t stride, int64_t count,
                  Dtype param, Dtype average, int mode, bool vectors_ok, int device, void* stream);
