@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 from .access import cast, load, store
-from .table import BLOCK, NUM_WARPS, grid_size
+from .table import BLOCK, NUM_WARPS, launch
 
 
 @triton.jit
@@ -36,5 +36,5 @@ def ring_mean_(out, ring, count) -> None:
         raise ValueError(f"count must be in [1, {ring.shape[0]}], got {count}")
     n = out.numel()
     if n:
-        programs = grid_size(max(1, n // BLOCK), out.device)
-        ring_mean_kernel[(programs,)](out, ring, n, ring.stride(0), count, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        launch(ring_mean_kernel, n // BLOCK, out.device, out, ring, n, ring.stride(0), count, BLOCK=BLOCK,
+               num_warps=NUM_WARPS)  # fmt: skip

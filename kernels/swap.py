@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .access import cast, full_blocks_end, load, row, store
-from .table import BLOCK, NUM_WARPS, TL_DTYPES, grid_size
+from .table import BLOCK, NUM_WARPS, TL_DTYPES, launch
 
 
 @triton.jit
@@ -65,8 +65,8 @@ def _launch(params, table, backup, source, stride, count, avg_dtype, mode) -> No
     n_rows = table.shape[0]
     if n_rows == 0:
         return
-    swap_kernel[(grid_size(n_rows, table.device),)](
-        table, n_rows, backup, source, stride, count,
+    launch(
+        swap_kernel, n_rows, table.device, table, n_rows, backup, source, stride, count,
         P_DTYPE=TL_DTYPES[params[0].dtype], AVG_DTYPE=TL_DTYPES[avg_dtype], MODE=mode,
         BLOCK=BLOCK, num_warps=NUM_WARPS,
     )  # fmt: skip

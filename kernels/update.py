@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from .access import cast, full_blocks_end, load, math_dtype, row, store
-from .table import BLOCK, NUM_WARPS, TL_DTYPES, grid_size, split_weight
+from .table import BLOCK, NUM_WARPS, TL_DTYPES, launch, split_weight
 
 MAX_AVERAGES, MAX_RINGS = 4, 2  # per launch; more (rare) take further launches
 
@@ -92,7 +92,7 @@ def update_(params, table, averages, weights, rings, slots) -> None:
         pointers = [*avg, *[filler] * (MAX_AVERAGES - len(avg))]
         coefficients = [c for w in [*wts, *[0.0] * (MAX_AVERAGES - len(wts))] for c in split_weight(w)]
         ring_pointers = [*rng, *[filler] * (MAX_RINGS - len(rng))]
-        update_kernel[(grid_size(n_rows, table.device),)](
-            table, n_rows, *pointers, *coefficients, *ring_pointers,
+        launch(
+            update_kernel, n_rows, table.device, table, n_rows, *pointers, *coefficients, *ring_pointers,
             P_DTYPE=p_dtype, MATH=math, N_AVG=len(avg), N_RING=len(rng), BLOCK=BLOCK, num_warps=NUM_WARPS,
         )  # fmt: skip

@@ -1,0 +1,107 @@
+"""How the Triton launches are sized (persistent, balanced, from the compiled kernel's registers),
+and the interpreter fix that lets the kernels run on Triton 3.6 with numpy >= 2.4."""
+
+import types
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("triton")
+from fastavg.kernels import interpreter_fix, table  # noqa: E402
+
+# What torch reports for an H100 SXM (and an H200: the same SM).
+HOPPER = types.SimpleNamespace(
+    warp_size=32,
+    regs_per_multiprocessor=65536,
+    max_threads_per_multi_processor=2048,
+    shared_memory_per_multiprocessor=233472,
+    multi_processor_count=132,
+)
+
+
+@pytest.mark.parametrize(
+    "work, most, expected",
+    [
+        (1995, 1056, 998),  # GPT-2 124M's rows: two each, instead of 117 programs with one
+        (1995, 1584, 998),
+        (1995, 792, 665),
+        (500, 1056, 500),  # fewer rows than slots: one each
+        (1056, 1056, 1056),
+        (1057, 1056, 529),
+        (0, 1056, 1),  # an empty launch still has one program
+        (7, 1, 1),
+    ],
+)
+def test_balanced_grid(work, most, expected):
+    grid = table.balanced_grid(work, most)
+    assert grid == expected and 1 <= grid <= max(1, most)
+    per_program = [len(range(p, max(work, 1), grid)) for p in range(grid)]
+    assert max(per_program) - min(per_program) <= 1  # an equal share, one fewer at worst
+    assert max(per_program) == -(-max(work, 1) // most)  # no more rounds than the slots need
+
+
+@pytest.mark.parametrize(
+    "n_regs, shared, warps, expected",
+    [
+        (40, 4096, 4, 12),  # the bf16 EMA update (ptxas: 40 registers): registers limit it
+        (104, 4096, 4, 4),  # 4 averages + 2 rings: 104 registers
+        (32, 0, 8, 8),  # 256 threads at 32 registers: a full SM
+        (16, 0, 4, 16),  # few registers: threads limit it
+        (32, 64 * 1024, 4, 3),  # shared memory limits it
+        (255, 0, 4, 2),
+        (1, 0, 1, 32),  # the SM's block limit
+    ],
+)
+def test_programs_per_sm(n_regs, shared, warps, expected):
+    assert table.programs_per_sm(n_regs, shared, warps, HOPPER) == expected
+
+
+def test_interpreter_fix_squeezes_one_element_arrays(monkeypatch):
+    """Triton 3.6's interpreter: int() of a (1,) array, a TypeError from numpy 2.4 on."""
+    from triton.runtime import interpreter
+
+    class Scope:
+        def set_attr(self, cls, name, value):
+            setattr(cls, name, value)
+
+    def unfixed(tensor, scope):  # the code of Triton 3.6
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data))
+
+    class Tensor:
+        def __init__(self, data):
+            self.handle = types.SimpleNamespace(data=data)
+
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", unfixed)
+    assert interpreter_fix.apply()
+    interpreter._patch_lang_tensor(Tensor, Scope())
+    assert range(Tensor(np.array([2], dtype=np.int32)), 9, Tensor(np.array([3])))[-1] == 8
+    assert not interpreter_fix.apply()  # applied once
+
+
+def test_interpreter_fix_leaves_a_fixed_triton_alone(monkeypatch):
+    from triton.runtime import interpreter
+
+    def fixed(tensor, scope):  # upstream's fix (triton-lang/triton#9171)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", fixed)
+    assert not interpreter_fix.apply()
+    assert interpreter._patch_lang_tensor is fixed
+
+
+@pytest.mark.cuda
+def test_grid_comes_from_the_compiled_kernel():
+    """On a GPU the launch reads the kernel's registers; the fixed fallback grid is not used."""
+    import fastavg
+
+    table._RESIDENT.clear()
+    params = [torch.nn.Parameter(torch.randn(70_000, device="cuda").bfloat16()) for _ in range(3)]
+    averager = fastavg.Averager(params, {"ema": fastavg.EMA(0.9), "lawa": fastavg.LAWA(3, every=1)}, backend="triton")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        averager.step()
+        averager.step()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert table._RESIDENT and all(most % sms == 0 and most >= sms for most in table._RESIDENT.values())
