@@ -30,7 +30,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
     parser.add_argument("--update", nargs="+", default=list(cases.UPDATES), choices=cases.UPDATES)
     parser.add_argument("--backends", nargs="+", choices=fastavg.ops.BACKEND_NAMES, help="default: every available one")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 50 on GPU, 10 on CPU)")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed samples (default 30 on GPU, 5 calls each; 10 on CPU)"
+    )
     parser.add_argument("--warmup", type=int, default=None, help="untimed repeats first (default 10 on GPU, 2 on CPU)")
     parser.add_argument("--quick", action="store_true", help="small shapes and few repeats: a smoke test")
     parser.add_argument(
@@ -163,7 +165,7 @@ def main(argv=None) -> None:
         except ValueError as err:
             raise SystemExit(f"fastavg-bench: {err}") from None
     gpu = device.type == "cuda"
-    repeats = args.repeats if args.repeats is not None else (50 if gpu else 3 if args.quick else 10)
+    repeats = args.repeats if args.repeats is not None else (30 if gpu else 3 if args.quick else 10)
     warmup = args.warmup if args.warmup is not None else (10 if gpu else 1 if args.quick else 2)
     if repeats < 1 or warmup < 0:
         raise SystemExit("fastavg-bench: --repeats must be >= 1 and --warmup >= 0")

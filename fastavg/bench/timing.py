@@ -8,50 +8,52 @@ from collections.abc import Callable
 
 import torch
 
+# On a GPU each timed sample is this many back-to-back calls: the steady rate of a training loop,
+# where the host's Python (step()'s bookkeeping, launches) hides behind the previous kernels
+# unless it is the slower of the two, and then it is what is measured.
+GPU_CALLS_PER_SAMPLE = 5
 
-def median_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int) -> float:
+
+def median_ms(
+    fn: Callable[[], object], device: torch.device, repeats: int, warmup: int, calls: int = GPU_CALLS_PER_SAMPLE
+) -> float:
     """Median milliseconds of one ``fn()`` call."""
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        times = []
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return interleaved_median_ms([fn], device, repeats, warmup, calls)[0]
 
 
 def interleaved_median_ms(
-    fns: list[Callable[[], object]], device: torch.device, repeats: int, warmup: int
+    fns: list[Callable[[], object]],
+    device: torch.device,
+    repeats: int,
+    warmup: int,
+    calls: int = GPU_CALLS_PER_SAMPLE,
 ) -> list[float]:
-    """Median milliseconds of each ``fn``, timed round-robin (one call of each per repeat), so a
-    machine whose load drifts (a shared VM: 1.5x between runs, measured) biases none of them."""
+    """Median milliseconds of one call of each ``fn``, timed round-robin (one sample of each per
+    repeat), so a machine whose load drifts (a shared VM: 1.5x between runs, measured) biases none.
+
+    On a GPU a sample starts from a busy queue: the GPU is synchronised, one untimed call is
+    queued, then ``calls`` calls are timed between two events (one suffices for calls of many
+    milliseconds, such as a training step). Timing a single call
+    right after another case left the queue empty counted that call's own host latency on top of
+    its kernel, so a case's time depended on which case ran before it.
+    """
     for _ in range(warmup):
         for fn in fns:
             fn()
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
         events = [[] for _ in fns]
         for _ in range(repeats):
             for i, fn in enumerate(fns):
+                torch.cuda.synchronize(device)
+                fn()  # untimed: keeps the GPU busy while the timed calls are queued
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                fn()
+                for _ in range(calls):
+                    fn()
                 end.record()
                 events[i].append((start, end))
         torch.cuda.synchronize(device)
-        return [statistics.median(s.elapsed_time(e) for s, e in pairs) for pairs in events]
+        return [statistics.median(s.elapsed_time(e) / calls for s, e in pairs) for pairs in events]
     times = [[] for _ in fns]
     for _ in range(repeats):
         for i, fn in enumerate(fns):

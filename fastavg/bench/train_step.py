@@ -45,14 +45,14 @@ def train_step_records(preset: str, device: torch.device, batch_size: int, grad_
     fused = device.type == "cuda"
     inner = torch.optim.AdamW(model.param_groups(0.1), lr=1e-4, betas=(0.9, 0.95), fused=fused)
     every_step = {"ema": fastavg.EMA(0.999), "swa": fastavg.SWA(), "lawa": fastavg.LAWA(5, every=1)}
-    base_ms = median_ms(_step_fn(model, inner, batches, device), device, repeats, warmup)
+    base_ms = median_ms(_step_fn(model, inner, batches, device), device, repeats, warmup, calls=1)
     tokens = batch_size * config.block_size * grad_accum
     common = {"record": "train_step", "preset": preset, "numel": model.num_params(), "tokens_per_step": tokens,
               "batch_size": batch_size, "grad_accum": grad_accum}  # fmt: skip
     records = [{**common, "impl": "adamw", "median_ms": base_ms, "overhead_pct": 0.0}]
     for backend in backends:
         opt = fastavg.wrap(inner, every_step, backend=backend)
-        ms = median_ms(_step_fn(model, opt, batches, device), device, repeats, warmup)
+        ms = median_ms(_step_fn(model, opt, batches, device), device, repeats, warmup, calls=1)
         records.append({**common, "impl": f"adamw+fastavg-{backend} (ema+swa+lawa)", "median_ms": ms,
                         "overhead_pct": 100 * (ms - base_ms) / base_ms})  # fmt: skip
         del opt
