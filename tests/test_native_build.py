@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tarfile
 
 import pytest
 import torch.utils.cpp_extension as cpp_extension
@@ -71,6 +72,20 @@ def test_extension_sources_have_distinct_object_names():
     # ninja refuses two sources that compile to one object (ops_cuda.cpp and ops_cuda.cu did, on the GPU machine).
     stems = [p.stem for p in CSRC.iterdir() if p.suffix in (".cpp", ".cu")]
     assert len(stems) == len(set(stems)), sorted(stems)
+
+
+def test_sdist_carries_every_native_source(tmp_path):
+    """An install from an sdist builds _C from csrc/: its headers must be in it (MANIFEST.in)."""
+    source = tmp_path / "src"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.so", "runs", "*.egg-info"))
+    command = [sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")]
+    env = dict(os.environ, FASTAVG_NO_NATIVE="1")
+    result = subprocess.run(command, cwd=source, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (archive,) = (tmp_path / "dist").glob("*.tar.gz")
+    with tarfile.open(archive) as tar:
+        shipped = {pathlib.PurePosixPath(name).name for name in tar.getnames() if "/csrc/" in name}
+    assert shipped == {p.name for p in CSRC.iterdir() if p.is_file()}
 
 
 def test_install_without_a_working_compiler_succeeds(tmp_path):

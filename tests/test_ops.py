@@ -25,9 +25,12 @@ def _params(sizes, dtype, device, seed=0, misaligned=False):
 
 
 def _bind(backend, params, device):
-    """(impls, flat params, table) of a group of ``params`` on ``backend``."""
+    """(impls, flat params, table) of a group of ``params`` on ``backend`` (a name, or a Backend:
+    test_cuda_emulated.py passes the CUDA kernels built for the host)."""
     names, index = [f"p{i}" for i in range(len(params))], list(range(len(params)))
-    group = FlatGroup(params, names, index, torch.float32, resolve_backend(backend, torch.device(device).type))
+    if not isinstance(backend, ops.Backend):
+        backend = resolve_backend(backend, torch.device(device).type)
+    group = FlatGroup(params, names, index, torch.float32, backend)
     return group.backend.impls, group.flat_params, group.table
 
 

@@ -1,0 +1,130 @@
+"""fastavg's CUDA kernels built for the host (tests/cuda_host/emulate.cpp) and wrapped as a
+backend whose ops launch them the way csrc/cuda_binding.cpp and csrc/ops_cuda.cu do: same launch
+splitting, alignment flags, dtype codes and balanced grid. The table holds host addresses, so the
+kernels walk CPU tensors; test_cuda_emulated.py runs the per-op suite on them."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+
+from fastavg.ops import Backend
+from fastavg.table import build_table
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE = ROOT / "tests" / "cuda_host" / "emulate.cpp"
+CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}  # csrc/ops_cuda.h's Dtype
+MAX_AVERAGES, MAX_RINGS = 4, 2  # csrc/ops_cuda.h
+THREADS = 256  # csrc/cuda_kernels.cuh's kThreads
+
+
+def cuda_include() -> Path | None:
+    """Where cuda_fp16.h and cuda_bf16.h are (nvcc's toolkit), or None."""
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        homes.append(str(Path(nvcc).resolve().parents[1]))
+    for home in filter(None, homes):
+        if (Path(home) / "include" / "cuda_bf16.h").exists():
+            return Path(home) / "include"
+    return None
+
+
+def build(out_dir: Path) -> ctypes.CDLL:
+    """Compile the emulator with the host compiler; raises RuntimeError with the reason if it cannot."""
+    include, compiler = cuda_include(), shutil.which(os.environ.get("CXX", "g++"))
+    if include is None or compiler is None:
+        raise RuntimeError(f"needs a C++ compiler ({compiler}) and the CUDA headers ({include})")
+    library = out_dir / "fastavg_cuda_emulated.so"
+    command = [compiler, "-std=c++17", "-O1", "-shared", "-fPIC", "-I", str(ROOT / "csrc"), "-I", str(include),
+               str(SOURCE), "-o", str(library)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    if result.returncode != 0:
+        raise RuntimeError(f"emulator build failed:\n{result.stderr[-3000:]}")
+    lib = ctypes.CDLL(str(library))
+    lib.emulate_balanced_blocks.restype = ctypes.c_int64
+    lib.emulate_balanced_blocks.argtypes = [ctypes.c_int64, ctypes.c_int64]
+    return lib
+
+
+def _pointers(tensors) -> ctypes.Array:
+    return (ctypes.c_void_p * max(1, len(tensors)))(*[t.data_ptr() for t in tensors])
+
+
+def _aligned(address: int) -> bool:
+    return address % 16 == 0
+
+
+def backend(lib: ctypes.CDLL, most_blocks: int) -> Backend:
+    """The emulated kernels as a backend; ``most_blocks`` stands for the blocks a GPU holds at once."""
+
+    def blocks(items: int) -> ctypes.c_uint:
+        return ctypes.c_uint(lib.emulate_balanced_blocks(items, most_blocks))
+
+    def update_(params, table, averages, weights, rings, slots):
+        if not params or not (averages or rings):
+            return
+        slot_views = [ring[slot] for ring, slot in zip(rings, slots)]
+        launches = max(-(-len(averages) // MAX_AVERAGES), -(-len(slot_views) // MAX_RINGS))
+        for i in range(launches):
+            avg = averages[i * MAX_AVERAGES : (i + 1) * MAX_AVERAGES]
+            wts = weights[i * MAX_AVERAGES : (i + 1) * MAX_AVERAGES]
+            rng = slot_views[i * MAX_RINGS : (i + 1) * MAX_RINGS]
+            if not (avg or rng):
+                continue
+            vectors_ok = all(_aligned(t.data_ptr()) for t in [*avg, *rng])
+            average_code = CODES[avg[0].dtype] if avg else CODES[torch.float32]
+            lib.emulate_update(
+                ctypes.c_void_p(table.data_ptr()), ctypes.c_int64(table.shape[0]), _pointers(avg),
+                (ctypes.c_double * MAX_AVERAGES)(*wts), len(avg), _pointers(rng), len(rng), int(vectors_ok),
+                CODES[params[0].dtype], average_code, blocks(table.shape[0]),
+            )  # fmt: skip
+
+    def swap(params, table, backup, source, stride, count, average_dtype, mode, source_aligned):
+        if not params:
+            return
+        lib.emulate_swap(
+            ctypes.c_void_p(table.data_ptr()), ctypes.c_int64(table.shape[0]), ctypes.c_void_p(backup.data_ptr()),
+            ctypes.c_void_p(source.data_ptr()), ctypes.c_int64(stride), ctypes.c_int64(count),
+            CODES[params[0].dtype], CODES[average_dtype], mode, int(_aligned(backup.data_ptr()) and source_aligned),
+            blocks(table.shape[0]),
+        )  # fmt: skip
+
+    def check_count(ring, count):
+        if not 1 <= count <= ring.shape[0]:
+            raise ValueError(f"count must be in [1, {ring.shape[0]}], got {count}")
+
+    def swap_in_(params, table, backup, average):
+        swap(params, table, backup, average, 0, 1, average.dtype, 0, _aligned(average.data_ptr()))
+
+    def swap_in_ring_(params, table, backup, ring, count, dtype):
+        check_count(ring, count)
+        swap(params, table, backup, ring, ring.stride(0), count, dtype, 1, True)
+
+    def restore_(params, table, backup):
+        swap(params, table, backup, backup, 0, 1, backup.dtype, 2, True)
+
+    def ring_mean_(out, ring, count):
+        check_count(ring, count)
+        n = out.numel()
+        if n:
+            lib.emulate_ring_mean(
+                ctypes.c_void_p(out.data_ptr()), ctypes.c_void_p(ring.data_ptr()), ctypes.c_int64(n),
+                ctypes.c_int64(ring.stride(0)), ctypes.c_int64(count), CODES[out.dtype], CODES[ring.dtype],
+                blocks(-(-n // THREADS)),
+            )  # fmt: skip
+
+    impls = dict(update_=update_, swap_in_=swap_in_, swap_in_ring_=swap_in_ring_, restore_=restore_,
+                 ring_mean_=ring_mean_)  # fmt: skip
+    return Backend(
+        name="cuda-emulated",
+        impls=impls,
+        ops=impls,
+        unavailable=lambda device_type: None if device_type == "cpu" else "host memory only",
+        make_table=lambda group: build_table(group.flat_params),
+    )

@@ -1,0 +1,57 @@
+"""The native backend's CUDA kernels, built for the host and run on CPU tensors thread by thread
+(tests/cuda_host/emulate.cpp): the per-op suite of test_ops.py checks their arithmetic, table walk,
+vector and scalar paths, launch splitting and bf16/fp16 rounding here, with no GPU. What a host
+build cannot check (the occupancy query, streams, real memory access) is left to the cuda tests."""
+
+import pytest
+import torch
+from cuda_emulator import backend as emulated_backend
+from cuda_emulator import build
+
+# Collected here too, with this module's `target`: the emulated kernels.
+from test_ops import (  # noqa: F401
+    test_bfloat16_rounding_is_nearest_even_with_ties_and_specials,
+    test_empty_parameters,
+    test_ring_mean_and_swap_in_ring,
+    test_swap_in_and_restore,
+    test_update_lerps_and_writes_ring_slots,
+    test_update_with_many_averages_and_rings,
+    test_update_with_only_rings_or_only_averages,
+    test_weights_keep_float64_precision,
+)
+
+from fastavg.table import CHUNK
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    try:
+        return build(tmp_path_factory.mktemp("cuda_emulated"))
+    except RuntimeError as err:
+        pytest.skip(str(err))
+
+
+@pytest.fixture(params=[1, 3], ids=["1-block", "3-blocks"])
+def target(request, emulator):
+    """The emulated kernels with a GPU that holds 1 or 3 blocks at once: blocks walk many rows."""
+    return emulated_backend(emulator, most_blocks=request.param), "cpu"
+
+
+@pytest.mark.parametrize("items, most", [(1995, 1056), (1995, 792), (1, 3), (0, 3), (7, 1), (1057, 1056)])
+def test_balanced_blocks_matches_the_triton_grid(emulator, items, most):
+    from fastavg.kernels.table import balanced_grid
+
+    assert emulator.emulate_balanced_blocks(items, most) == balanced_grid(items, most)
+
+
+def test_rows_longer_than_a_block_stride_and_several_per_block(target):
+    """Two full table rows and a tail, bf16 into float32: every element exactly once."""
+    backend, _ = target
+    from test_ops import _bind
+
+    params = [torch.randn(2 * CHUNK + 11).bfloat16(), torch.randn(5).bfloat16()]
+    impls, flat, table = _bind(backend, params, "cpu")
+    assert table.shape[0] == 4
+    averages = [torch.zeros(2 * CHUNK + 16)]
+    impls["update_"](flat, table, averages, [1.0], [], [])
+    assert torch.equal(averages[0], torch.cat(params).float())
