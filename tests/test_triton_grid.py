@@ -9,7 +9,10 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-from fastavg.kernels import interpreter_fix, table  # noqa: E402
+from fastavg.kernels import interpreter_fix, ring_mean, swap, table, update  # noqa: E402
+from test_ops import TOL, _bind, _params, _randn  # noqa: E402
+
+from fastavg.table import CHUNK  # noqa: E402
 
 # What torch reports for an H100 SXM (and an H200: the same SM).
 HOPPER = types.SimpleNamespace(
@@ -105,3 +108,38 @@ def test_grid_comes_from_the_compiled_kernel():
         averager.step()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     assert table._RESIDENT and all(most % sms == 0 and most >= sms for most in table._RESIDENT.values())
+
+
+def test_programs_walk_many_rows(monkeypatch):
+    """The kernels with the GPU's persistent grid, here in the interpreter: 2 programs over 6 rows
+    (update, swap, restore) and over a ring's blocks (ring mean), against the torch backend."""
+    if not table.INTERPRET:
+        pytest.skip("the interpreter's grid is the one patched here")
+
+    def two_programs(kernel, work_items, device, *args, **meta):
+        kernel[(table.balanced_grid(work_items, 2),)](*args, **meta)
+
+    sizes, n = [2 * CHUNK + 3, 5, CHUNK + 1], 3 * CHUNK + 9
+    results = {}
+    for backend in ("torch", "triton"):
+        for module in (update, swap, ring_mean):
+            monkeypatch.setattr(module, "launch", two_programs if backend == "triton" else module.launch)
+        params = _params(sizes, torch.bfloat16, "cpu", misaligned=False)
+        impls, flat, rows = _bind(backend, params, "cpu")
+        averages = [_randn(n, seed=1), _randn(n, seed=2)]
+        ring = torch.zeros(3, n, dtype=torch.bfloat16)
+        impls["update_"](flat, rows, averages, [0.3, 0.9], [ring], [1])
+        backup, out = torch.empty(n, dtype=torch.bfloat16), torch.empty(n)
+        impls["ring_mean_"](out, ring, 2)
+        impls["swap_in_"](flat, rows, backup, averages[0])
+        swapped = torch.cat(params).clone()
+        impls["restore_"](flat, rows, backup)
+        results[backend] = (averages, ring, out, swapped, torch.cat(params), backup)
+    assert rows.shape[0] == 6
+    (t_avg, t_ring, t_out, t_swapped, t_params, t_backup) = results["torch"]
+    (avg, ring, out, swapped, restored, backup) = results["triton"]
+    for a, b in zip(avg, t_avg):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+    assert torch.equal(ring, t_ring) and torch.equal(restored, t_params) and torch.equal(backup, t_backup)
+    torch.testing.assert_close(out, t_out, **TOL[torch.float32])
+    assert torch.equal(swapped, avg[0].to(torch.bfloat16))
