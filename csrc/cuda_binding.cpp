@@ -70,7 +70,8 @@ void update_cuda(at::TensorList params, const at::Tensor& table, at::TensorList 
   c10::DeviceGuard guard(table.device());
   void* stream = current_stream(table.device());
   const auto param_code = code(params[0].scalar_type());
-  const auto average_code = averages.empty() ? cuda::kFloat : code(averages[0].scalar_type());
+  // Rings alone: the kernels then read no average; the parameter dtype is a pair every build has.
+  const auto average_code = averages.empty() ? param_code : code(averages[0].scalar_type());
   // At most 4 averages and 2 rings per launch; more (rare) take further launches.
   const size_t launches = std::max((averages.size() + cuda::kMaxAverages - 1) / cuda::kMaxAverages,
                                    (rings.size() + cuda::kMaxRings - 1) / cuda::kMaxRings);

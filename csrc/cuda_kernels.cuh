@@ -66,8 +66,11 @@ __device__ __forceinline__ M weight(const UpdateArgs& args, int k) {
   }
 }
 
-template <typename P, typename A>
+// NA averages and NR rings due, fixed at compile time (one kernel per combination: the launcher
+// picks it), so every loop below unrolls and each thread issues all its loads before any store.
+template <typename P, typename A, int NA, int NR>
 __global__ void __launch_bounds__(kThreads) update_kernel(const __grid_constant__ UpdateArgs args) {
+  static_assert(NA <= kMaxAverages && NR <= kMaxRings && NA + NR > 0, "one launch takes 1 to 4 + 2 buffers");
   using M = Math<A>;
   constexpr int V = 16 / sizeof(P);
   for (int64_t r = blockIdx.x; r < args.rows; r += gridDim.x) {
@@ -77,35 +80,32 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const __grid_constant_
     const int64_t vec_end = (row[3] != 0 && args.vectors_ok) ? length / V * V : 0;
     for (int64_t j = int64_t(threadIdx.x) * V; j < vec_end; j += int64_t(blockDim.x) * V) {
       const Vec<P, V> pv = *reinterpret_cast<const Vec<P, V>*>(p + j);
+      Vec<A, V> av[NA > 0 ? NA : 1];
 #pragma unroll
-      for (int k = 0; k < kMaxRings; ++k) {
-        if (k < args.n_rings) *reinterpret_cast<Vec<P, V>*>(static_cast<P*>(args.rings[k]) + offset + j) = pv;
-      }
-      M pm[V];
+      for (int k = 0; k < NA; ++k) av[k] = *reinterpret_cast<const Vec<A, V>*>(static_cast<A*>(args.averages[k]) + offset + j);
 #pragma unroll
-      for (int e = 0; e < V; ++e) pm[e] = static_cast<M>(Num<P>::up(pv.v[e]));
+      for (int k = 0; k < NR; ++k) *reinterpret_cast<Vec<P, V>*>(static_cast<P*>(args.rings[k]) + offset + j) = pv;
+      if constexpr (NA > 0) {
+        M pm[V];
 #pragma unroll
-      for (int k = 0; k < kMaxAverages; ++k) {
-        if (k >= args.n_averages) continue;
-        auto* slot = reinterpret_cast<Vec<A, V>*>(static_cast<A*>(args.averages[k]) + offset + j);
-        Vec<A, V> av = *slot;
+        for (int e = 0; e < V; ++e) pm[e] = static_cast<M>(Num<P>::up(pv.v[e]));
 #pragma unroll
-        for (int e = 0; e < V; ++e) {
-          av.v[e] = Num<A>::down(next_average(static_cast<M>(Num<A>::up(av.v[e])), pm[e], weight<M>(args, k), args.copies[k]));
+        for (int k = 0; k < NA; ++k) {
+#pragma unroll
+          for (int e = 0; e < V; ++e) {
+            av[k].v[e] = Num<A>::down(next_average(static_cast<M>(Num<A>::up(av[k].v[e])), pm[e], weight<M>(args, k), args.copies[k]));
+          }
+          *reinterpret_cast<Vec<A, V>*>(static_cast<A*>(args.averages[k]) + offset + j) = av[k];
         }
-        *slot = av;
       }
     }
     for (int64_t j = vec_end + threadIdx.x; j < length; j += blockDim.x) {
       const P pv = p[j];
 #pragma unroll
-      for (int k = 0; k < kMaxRings; ++k) {
-        if (k < args.n_rings) static_cast<P*>(args.rings[k])[offset + j] = pv;
-      }
+      for (int k = 0; k < NR; ++k) static_cast<P*>(args.rings[k])[offset + j] = pv;
       const M pm = static_cast<M>(Num<P>::up(pv));
 #pragma unroll
-      for (int k = 0; k < kMaxAverages; ++k) {
-        if (k >= args.n_averages) continue;
+      for (int k = 0; k < NA; ++k) {
         A* a = static_cast<A*>(args.averages[k]) + offset + j;
         *a = Num<A>::down(next_average(static_cast<M>(Num<A>::up(*a)), pm, weight<M>(args, k), args.copies[k]));
       }
@@ -179,6 +179,54 @@ void dispatch(Dtype dtype, F&& f) {
     case kFloat: f(float{}); break;
     case kDouble: f(double{}); break;
   }
+}
+
+// Whether averages of type A hold parameters of type P exactly, as fastavg requires (the same
+// type, or float / double wider than P): the only pairs compiled.
+template <typename P, typename A>
+constexpr bool holds() {
+  return std::is_same<A, P>::value || (std::is_floating_point<A>::value && sizeof(A) > sizeof(P));
+}
+
+// f(P{}, A{}) for a supported (parameter, average) pair; false for any other pair.
+template <typename F>
+bool dispatch_pair(Dtype param, Dtype average, F&& f) {
+  bool supported = false;
+  dispatch(param, [&](auto p_tag) {
+    using P = decltype(p_tag);  // named here: in the inner lambda, decltype(p_tag) can be a reference (g++)
+    dispatch(average, [&](auto a_tag) {
+      using A = decltype(a_tag);
+      if constexpr (holds<P, A>()) {
+        supported = true;
+        f(P{}, A{});
+      }
+    });
+  });
+  return supported;
+}
+
+// f(std::integral_constant<int, n>{}) for a run-time n in [First, Last]: a compile-time count.
+template <int First, int Last, typename F>
+void with_count(int n, F&& f) {
+  if constexpr (First <= Last) {
+    if (n == First) {
+      f(std::integral_constant<int, First>{});
+    } else {
+      with_count<First + 1, Last>(n, f);
+    }
+  }
+}
+
+// The update_kernel instance for the averages and rings in `args`: f(kernel).
+template <typename P, typename A, typename F>
+void with_update_kernel(const UpdateArgs& args, F&& f) {
+  with_count<0, kMaxAverages>(args.n_averages, [&](auto na) {
+    constexpr int NA = decltype(na)::value;  // named here, not in the inner lambda (see dispatch_pair)
+    with_count<0, kMaxRings>(args.n_rings, [&](auto nr) {
+      constexpr int NR = decltype(nr)::value;
+      if constexpr (NA + NR > 0) f(update_kernel<P, A, NA, NR>);
+    });
+  });
 }
 
 // What update_kernel reads besides the caller's arguments: each weight rounded for float math,

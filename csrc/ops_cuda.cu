@@ -25,6 +25,10 @@ unsigned blocks_for(Kernel kernel, int64_t work, int device) {
   return static_cast<unsigned>(balanced_blocks(work, int64_t(sms > 0 ? sms : 1) * (per_sm > 0 ? per_sm : 1)));
 }
 
+constexpr const char* kUnsupportedPair =
+    "unsupported (parameter, average) dtype pair: averages must be the parameters' dtype, or float32 / float64 wider "
+    "than it";
+
 const char* last_error() {
   const cudaError_t error = cudaGetLastError();
   return error == cudaSuccess ? nullptr : cudaGetErrorString(error);
@@ -33,52 +37,46 @@ const char* last_error() {
 }  // namespace
 
 const char* update(UpdateArgs args, Dtype param, Dtype average, int device, void* stream) {
-  if (args.rows == 0) return nullptr;
+  if (args.rows == 0 || args.n_averages + args.n_rings == 0) return nullptr;
   finish_update_args(args);
-  dispatch(param, [&](auto p_tag) {
-    using P = decltype(p_tag);
-    dispatch(average, [&](auto a_tag) {
-      using A = decltype(a_tag);
-      const unsigned blocks = blocks_for(update_kernel<P, A>, args.rows, device);
-      update_kernel<P, A><<<blocks, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(args);
+  const bool supported = dispatch_pair(param, average, [&](auto p_tag, auto a_tag) {
+    with_update_kernel<decltype(p_tag), decltype(a_tag)>(args, [&](auto kernel) {
+      kernel<<<blocks_for(kernel, args.rows, device), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(args);
     });
   });
-  return last_error();
+  return supported ? last_error() : kUnsupportedPair;
 }
 
 const char* swap(const int64_t* table, int64_t rows, void* backup, const void* source, int64_t stride, int64_t count,
                  Dtype param, Dtype average, int mode, bool vectors_ok, int device, void* stream) {
   if (rows == 0) return nullptr;
   auto s = static_cast<cudaStream_t>(stream);
-  dispatch(param, [&](auto p_tag) {
+  const bool supported = dispatch_pair(param, average, [&](auto p_tag, auto a_tag) {
     using P = decltype(p_tag);
-    dispatch(average, [&](auto a_tag) {
-      using A = decltype(a_tag);
-      P* b = static_cast<P*>(backup);
-      auto launch = [&](auto kernel) {
-        kernel<<<blocks_for(kernel, rows, device), kThreads, 0, s>>>(table, rows, b, source, stride, count, vectors_ok);
-      };
-      if (mode == 0) launch(swap_kernel<P, A, 0>);
-      if (mode == 1) launch(swap_kernel<P, A, 1>);
-      if (mode == 2) launch(swap_kernel<P, A, 2>);
-    });
+    using A = decltype(a_tag);
+    P* b = static_cast<P*>(backup);
+    auto launch = [&](auto kernel) {
+      kernel<<<blocks_for(kernel, rows, device), kThreads, 0, s>>>(table, rows, b, source, stride, count, vectors_ok);
+    };
+    if (mode == 0) launch(swap_kernel<P, A, 0>);
+    if (mode == 1) launch(swap_kernel<P, A, 1>);
+    if (mode == 2) launch(swap_kernel<P, A, 2>);
   });
-  return last_error();
+  return supported ? last_error() : kUnsupportedPair;
 }
 
 const char* ring_mean(void* out, const void* ring, int64_t n, int64_t stride, int64_t count, Dtype out_dtype,
                       Dtype ring_dtype, int device, void* stream) {
   if (n == 0) return nullptr;
-  dispatch(out_dtype, [&](auto o_tag) {
+  // The ring holds parameters, `out` is in the averages' dtype: the pairs of update and swap.
+  const bool supported = dispatch_pair(ring_dtype, out_dtype, [&](auto r_tag, auto o_tag) {
+    using R = decltype(r_tag);
     using O = decltype(o_tag);
-    dispatch(ring_dtype, [&](auto r_tag) {
-      using R = decltype(r_tag);
-      const unsigned blocks = blocks_for(ring_mean_kernel<O, R>, (n + kThreads - 1) / kThreads, device);
-      ring_mean_kernel<O, R><<<blocks, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-          static_cast<O*>(out), static_cast<const R*>(ring), n, stride, count);
-    });
+    const unsigned blocks = blocks_for(ring_mean_kernel<O, R>, (n + kThreads - 1) / kThreads, device);
+    ring_mean_kernel<O, R><<<blocks, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+        static_cast<O*>(out), static_cast<const R*>(ring), n, stride, count);
   });
-  return last_error();
+  return supported ? last_error() : kUnsupportedPair;
 }
 
 }  // namespace cuda

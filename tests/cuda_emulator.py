@@ -52,6 +52,13 @@ def build(out_dir: Path) -> ctypes.CDLL:
     return lib
 
 
+def _launched(supported: int) -> None:
+    # The launchers refuse a (parameter, average) pair the build lacks (averages must hold the
+    # parameters exactly); the binding turns that into a RuntimeError.
+    if not supported:
+        raise RuntimeError("unsupported (parameter, average) dtype pair")
+
+
 def _pointers(tensors) -> ctypes.Array:
     return (ctypes.c_void_p * max(1, len(tensors)))(*[t.data_ptr() for t in tensors])
 
@@ -78,22 +85,24 @@ def backend(lib: ctypes.CDLL, most_blocks: int) -> Backend:
             if not (avg or rng):
                 continue
             vectors_ok = all(_aligned(t.data_ptr()) for t in [*avg, *rng])
-            average_code = CODES[avg[0].dtype] if avg else CODES[torch.float32]
-            lib.emulate_update(
+            average_code = CODES[avg[0].dtype] if avg else CODES[params[0].dtype]
+            launched = lib.emulate_update(
                 ctypes.c_void_p(table.data_ptr()), ctypes.c_int64(table.shape[0]), _pointers(avg),
                 (ctypes.c_double * MAX_AVERAGES)(*wts), len(avg), _pointers(rng), len(rng), int(vectors_ok),
                 CODES[params[0].dtype], average_code, blocks(table.shape[0]),
             )  # fmt: skip
+            _launched(launched)
 
     def swap(params, table, backup, source, stride, count, average_dtype, mode, source_aligned):
         if not params:
             return
-        lib.emulate_swap(
+        launched = lib.emulate_swap(
             ctypes.c_void_p(table.data_ptr()), ctypes.c_int64(table.shape[0]), ctypes.c_void_p(backup.data_ptr()),
             ctypes.c_void_p(source.data_ptr()), ctypes.c_int64(stride), ctypes.c_int64(count),
             CODES[params[0].dtype], CODES[average_dtype], mode, int(_aligned(backup.data_ptr()) and source_aligned),
             blocks(table.shape[0]),
         )  # fmt: skip
+        _launched(launched)
 
     def check_count(ring, count):
         if not 1 <= count <= ring.shape[0]:
@@ -113,11 +122,12 @@ def backend(lib: ctypes.CDLL, most_blocks: int) -> Backend:
         check_count(ring, count)
         n = out.numel()
         if n:
-            lib.emulate_ring_mean(
+            launched = lib.emulate_ring_mean(
                 ctypes.c_void_p(out.data_ptr()), ctypes.c_void_p(ring.data_ptr()), ctypes.c_int64(n),
                 ctypes.c_int64(ring.stride(0)), ctypes.c_int64(count), CODES[out.dtype], CODES[ring.dtype],
                 blocks(-(-n // THREADS)),
             )  # fmt: skip
+            _launched(launched)
 
     impls = dict(update_=update_, swap_in_=swap_in_, swap_in_ring_=swap_in_ring_, restore_=restore_,
                  ring_mean_=ring_mean_)  # fmt: skip

@@ -55,3 +55,19 @@ def test_rows_longer_than_a_block_stride_and_several_per_block(target):
     averages = [torch.zeros(2 * CHUNK + 16)]
     impls["update_"](flat, table, averages, [1.0], [], [])
     assert torch.equal(averages[0], torch.cat(params).float())
+
+
+def test_pairs_the_build_lacks_are_refused(target):
+    """Averages must hold the parameters exactly; the launchers compile only such pairs and refuse
+    others (fp16 averages of bf16 weights) instead of launching nothing silently."""
+    backend, _ = target
+    from test_ops import _bind
+
+    params = [torch.randn(9).bfloat16()]
+    impls, flat, table = _bind(backend, params, "cpu")
+    with pytest.raises(RuntimeError, match="unsupported"):
+        impls["update_"](flat, table, [torch.zeros(9, dtype=torch.float16)], [0.5], [], [])
+    averages = [torch.zeros(9, dtype=torch.bfloat16), torch.zeros(9, dtype=torch.float64)]
+    for average in averages:  # the same dtype, and a wider float: compiled
+        impls["update_"](flat, table, [average], [1.0], [], [])
+        assert torch.equal(average, params[0].to(average.dtype))

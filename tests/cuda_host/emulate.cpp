@@ -39,9 +39,10 @@ void run(unsigned blocks, unsigned threads, Kernel&& kernel) {
 
 extern "C" {
 
-// One launch of update_kernel, as ops_cuda.cu's update() makes it (at most 4 averages, 2 rings).
-void emulate_update(const int64_t* table, int64_t rows, void* const* averages, const double* weights, int n_averages,
-                    void* const* rings, int n_rings, int vectors_ok, int param, int average, unsigned blocks) {
+// One launch of update_kernel, as ops_cuda.cu's update() makes it (at most 4 averages, 2 rings);
+// 0 for a (parameter, average) dtype pair the build lacks, as update() refuses it.
+int emulate_update(const int64_t* table, int64_t rows, void* const* averages, const double* weights, int n_averages,
+                   void* const* rings, int n_rings, int vectors_ok, int param, int average, unsigned blocks) {
   UpdateArgs args{};
   args.table = table;
   args.rows = rows;
@@ -54,42 +55,33 @@ void emulate_update(const int64_t* table, int64_t rows, void* const* averages, c
   args.n_rings = n_rings;
   args.vectors_ok = vectors_ok != 0;
   finish_update_args(args);
-  dispatch(Dtype(param), [&](auto p_tag) {
+  return dispatch_pair(Dtype(param), Dtype(average), [&](auto p_tag, auto a_tag) {
+    with_update_kernel<decltype(p_tag), decltype(a_tag)>(args, [&](auto kernel) { run(blocks, kThreads, [&] { kernel(args); }); });
+  });
+}
+
+// One launch of swap_kernel in `mode` (0: from an average, 1: from a ring, 2: restore); 0 for an
+// unsupported dtype pair.
+int emulate_swap(const int64_t* table, int64_t rows, void* backup, const void* source, int64_t stride, int64_t count,
+                 int param, int average, int mode, int vectors_ok, unsigned blocks) {
+  return dispatch_pair(Dtype(param), Dtype(average), [&](auto p_tag, auto a_tag) {
     using P = decltype(p_tag);
-    dispatch(Dtype(average), [&](auto a_tag) {
-      using A = decltype(a_tag);
-      run(blocks, kThreads, [&] { update_kernel<P, A>(args); });
+    using A = decltype(a_tag);
+    P* b = static_cast<P*>(backup);
+    run(blocks, kThreads, [&] {
+      if (mode == 0) swap_kernel<P, A, 0>(table, rows, b, source, stride, count, vectors_ok != 0);
+      if (mode == 1) swap_kernel<P, A, 1>(table, rows, b, source, stride, count, vectors_ok != 0);
+      if (mode == 2) swap_kernel<P, A, 2>(table, rows, b, source, stride, count, vectors_ok != 0);
     });
   });
 }
 
-// One launch of swap_kernel in `mode` (0: from an average, 1: from a ring, 2: restore).
-void emulate_swap(const int64_t* table, int64_t rows, void* backup, const void* source, int64_t stride, int64_t count,
-                  int param, int average, int mode, int vectors_ok, unsigned blocks) {
-  dispatch(Dtype(param), [&](auto p_tag) {
-    using P = decltype(p_tag);
-    dispatch(Dtype(average), [&](auto a_tag) {
-      using A = decltype(a_tag);
-      P* b = static_cast<P*>(backup);
-      run(blocks, kThreads, [&] {
-        if (mode == 0) swap_kernel<P, A, 0>(table, rows, b, source, stride, count, vectors_ok != 0);
-        if (mode == 1) swap_kernel<P, A, 1>(table, rows, b, source, stride, count, vectors_ok != 0);
-        if (mode == 2) swap_kernel<P, A, 2>(table, rows, b, source, stride, count, vectors_ok != 0);
-      });
-    });
-  });
-}
-
-void emulate_ring_mean(void* out, const void* ring, int64_t n, int64_t stride, int64_t count, int out_dtype,
-                       int ring_dtype, unsigned blocks) {
-  dispatch(Dtype(out_dtype), [&](auto o_tag) {
+int emulate_ring_mean(void* out, const void* ring, int64_t n, int64_t stride, int64_t count, int out_dtype,
+                      int ring_dtype, unsigned blocks) {
+  return dispatch_pair(Dtype(ring_dtype), Dtype(out_dtype), [&](auto r_tag, auto o_tag) {
+    using R = decltype(r_tag);
     using O = decltype(o_tag);
-    dispatch(Dtype(ring_dtype), [&](auto r_tag) {
-      using R = decltype(r_tag);
-      run(blocks, kThreads, [&] {
-        ring_mean_kernel<O, R>(static_cast<O*>(out), static_cast<const R*>(ring), n, stride, count);
-      });
-    });
+    run(blocks, kThreads, [&] { ring_mean_kernel<O, R>(static_cast<O*>(out), static_cast<const R*>(ring), n, stride, count); });
   });
 }
 
