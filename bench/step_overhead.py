@@ -10,15 +10,7 @@ import time
 import torch
 
 import fastavg
-
-
-def gpt2_shapes(layers=12, dim=768, vocab=50257, context=1024):
-    """nanoGPT GPT-2 (with biases, tied head): 2 + 12 x 12 + 2 = 148 tensors."""
-    shapes = [(vocab, dim), (context, dim)]
-    for _ in range(layers):
-        shapes += [(dim,), (dim,), (dim, 3 * dim), (3 * dim,), (dim, dim), (dim,)]
-        shapes += [(dim,), (dim,), (dim, 4 * dim), (4 * dim,), (4 * dim, dim), (dim,)]
-    return shapes + [(dim,), (dim,)]
+from fastavg.bench.shapes import gpt2_shapes
 
 
 def per_call_us(fn, repeats):

@@ -73,8 +73,9 @@ def update_kernel(table, n_rows, a0, a1, a2, a3, h0, l0, c0, h1, l1, c1, h2, l2,
                    c0, c1, c2, c3, r0, r1, N_AVG, N_RING, MATH, True)  # fmt: skip
 
 
-def update_(params, table, averages, weights, rings, slots) -> None:
-    """Launch ``update_kernel`` over the group: at most 4 averages and 2 rings per launch."""
+def update_(params, table, averages, weights, rings, slots, *, block=BLOCK, num_warps=NUM_WARPS) -> None:
+    """Launch ``update_kernel`` over the group: at most 4 averages and 2 rings per launch.
+    ``block`` and ``num_warps`` are for tuning (bench/kernel_sweep.py); the op uses the defaults."""
     n_rows = table.shape[0]
     if n_rows == 0 or not (averages or rings):
         return
@@ -94,5 +95,5 @@ def update_(params, table, averages, weights, rings, slots) -> None:
         ring_pointers = [*rng, *[filler] * (MAX_RINGS - len(rng))]
         launch(
             update_kernel, n_rows, table.device, table, n_rows, *pointers, *coefficients, *ring_pointers,
-            P_DTYPE=p_dtype, MATH=math, N_AVG=len(avg), N_RING=len(rng), BLOCK=BLOCK, num_warps=NUM_WARPS,
+            P_DTYPE=p_dtype, MATH=math, N_AVG=len(avg), N_RING=len(rng), BLOCK=block, num_warps=num_warps,
         )  # fmt: skip

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+import fastavg
 from fastavg.bench import cases, cli
 from fastavg.bench.shapes import gpt2_shapes
 
@@ -111,3 +112,21 @@ def test_readme_table_is_generated_from_the_recorded_results():
     )
     assert result.returncode == 0, result.stderr + result.stdout
     assert list((root / "bench" / "results").glob("*.json")), "no recorded benchmark run"
+
+
+def test_kernel_sweep_runs_every_kernel(capsys):
+    """bench/kernel_sweep.py (run on GPUs by gpu_check.sh): its smoke mode here, every row printed."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "bench" / "kernel_sweep.py"
+    spec = importlib.util.spec_from_file_location("kernel_sweep", path)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    sweep.main(["--device", "cpu", "--quick", "--repeats", "1", "--blocks", "1024", "--warps", "4"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    available = [b for b, why in fastavg.available_backends("cpu").items() if why is None]
+    kernels = {"triton B=1024 w=4": "triton", "native": "native"}
+    expected = {(u, k) for u in ("ema", "lawa", "all") for k, b in kernels.items() if b in available}
+    assert {(r[0], " ".join(r[1:-3])) for r in rows} == expected and expected
+    assert all(float(r[-3]) > 0 for r in rows)
