@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .access import cast, full_blocks_end, load, row, store
-from .table import BLOCK, NUM_WARPS, TL_DTYPES, launch
+from .table import BLOCK, NUM_WARPS, TL_DTYPES, launch, vector_width
 
 
 @triton.jit
@@ -43,7 +43,8 @@ def _swap_block(p_ptr, flat, mask, backup, source, stride, count,
 
 @triton.jit
 def swap_kernel(table, n_rows, backup, source, stride, count,
-                P_DTYPE: tl.constexpr, AVG_DTYPE: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+                P_DTYPE: tl.constexpr, AVG_DTYPE: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr,
+                VEC: tl.constexpr):  # fmt: skip
     stride = tl.cast(stride, tl.int64)  # ring row stride: slot x N passes 2^31 on large models
     for r in range(tl.program_id(0), n_rows, tl.num_programs(0)):
         pointer, offset, length, aligned = row(table, r, P_DTYPE)
@@ -52,7 +53,8 @@ def swap_kernel(table, n_rows, backup, source, stride, count,
         aligned_pointer = tl.multiple_of(tl.load(table + r * 4).to(tl.pointer_type(P_DTYPE)), 16)
         aligned_offset = tl.multiple_of(tl.load(table + r * 4 + 1), 8)
         for start in range(0, full, BLOCK):
-            index = tl.max_contiguous(tl.multiple_of(start + tl.arange(0, BLOCK), BLOCK), BLOCK)
+            # Contiguous in runs of VEC (table.vector_width): one layout for every access.
+            index = tl.max_contiguous(tl.multiple_of(start + tl.arange(0, BLOCK), BLOCK), VEC)
             p_ptr, flat = aligned_pointer + index, aligned_offset + index
             _swap_block(p_ptr, flat, None, backup, source, stride, count, MODE, AVG_DTYPE, False)
         for start in range(full, length, BLOCK):
@@ -68,7 +70,7 @@ def _launch(params, table, backup, source, stride, count, avg_dtype, mode) -> No
     launch(
         swap_kernel, n_rows, table.device, table, n_rows, backup, source, stride, count,
         P_DTYPE=TL_DTYPES[params[0].dtype], AVG_DTYPE=TL_DTYPES[avg_dtype], MODE=mode,
-        BLOCK=BLOCK, num_warps=NUM_WARPS,
+        BLOCK=BLOCK, VEC=vector_width(params[0].dtype, source.dtype), num_warps=NUM_WARPS,
     )  # fmt: skip
 
 

@@ -98,6 +98,18 @@ def launch(kernel, work_items: int, device: torch.device, *args, **meta) -> None
     kernel[(balanced_grid(work_items, _resident_programs(kernel, index, args, meta)),)](*args, **meta)
 
 
+def vector_width(*dtypes: torch.dtype) -> int:
+    """Elements per thread for the aligned loops: 16 bytes of the WIDEST dtype a kernel touches.
+
+    Triton gives each memory access its own layout, 16 bytes per thread: 8 bf16 parameters but 4
+    fp32 averages. Results computed in the first and stored in the second then cross through
+    shared memory, with barriers, at every iteration (seen in the TTGIR: a convert_layout in the
+    aligned loop of the bf16 -> fp32 update). A contiguity hint of this width gives every access
+    the same layout: 8-byte parameter loads, 16-byte average loads and stores, no conversion.
+    """
+    return 16 // max(dtype.itemsize for dtype in dtypes)
+
+
 def split_weight(weight: float) -> tuple[float, float, int]:
     """``weight`` as float32 hi + lo (Triton passes Python floats as float32) and a copy flag."""
     hi = float(torch.tensor(weight, dtype=torch.float32))

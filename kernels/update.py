@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from .access import cast, full_blocks_end, load, math_dtype, row, store
-from .table import BLOCK, NUM_WARPS, TL_DTYPES, launch, split_weight
+from .table import BLOCK, NUM_WARPS, TL_DTYPES, launch, split_weight, vector_width
 
 MAX_AVERAGES, MAX_RINGS = 4, 2  # per launch; more (rare) take further launches
 
@@ -51,7 +51,7 @@ def _block(p_ptr, flat, mask, a0, a1, a2, a3, w0, w1, w2, w3, c0, c1, c2, c3, r0
 @triton.jit
 def update_kernel(table, n_rows, a0, a1, a2, a3, h0, l0, c0, h1, l1, c1, h2, l2, c2, h3, l3, c3, r0, r1,
                   P_DTYPE: tl.constexpr, MATH: tl.constexpr, N_AVG: tl.constexpr, N_RING: tl.constexpr,
-                  BLOCK: tl.constexpr):  # fmt: skip
+                  BLOCK: tl.constexpr, VEC: tl.constexpr):  # fmt: skip
     # hi + lo restores float64 weights to ~48 bits for float64 averages; float32 rounds back to hi.
     # tl.cast, not .to(): the interpreter passes scalars as Python floats.
     w0, w1 = tl.cast(h0, MATH) + tl.cast(l0, MATH), tl.cast(h1, MATH) + tl.cast(l1, MATH)
@@ -63,7 +63,8 @@ def update_kernel(table, n_rows, a0, a1, a2, a3, h0, l0, c0, h1, l1, c1, h2, l2,
         aligned_pointer = tl.multiple_of(tl.load(table + r * 4).to(tl.pointer_type(P_DTYPE)), 16)
         aligned_offset = tl.multiple_of(tl.load(table + r * 4 + 1), 8)
         for start in range(0, full, BLOCK):
-            index = tl.max_contiguous(tl.multiple_of(start + tl.arange(0, BLOCK), BLOCK), BLOCK)
+            # Contiguous in runs of VEC (table.vector_width): one layout for every access.
+            index = tl.max_contiguous(tl.multiple_of(start + tl.arange(0, BLOCK), BLOCK), VEC)
             p_ptr, flat = aligned_pointer + index, aligned_offset + index
             _block(p_ptr, flat, None, a0, a1, a2, a3, w0, w1, w2, w3, c0, c1, c2, c3, r0, r1,
                    N_AVG, N_RING, MATH, False)  # fmt: skip
@@ -95,5 +96,6 @@ def update_(params, table, averages, weights, rings, slots, *, block=BLOCK, num_
         ring_pointers = [*rng, *[filler] * (MAX_RINGS - len(rng))]
         launch(
             update_kernel, n_rows, table.device, table, n_rows, *pointers, *coefficients, *ring_pointers,
-            P_DTYPE=p_dtype, MATH=math, N_AVG=len(avg), N_RING=len(rng), BLOCK=block, num_warps=num_warps,
+            P_DTYPE=p_dtype, MATH=math, N_AVG=len(avg), N_RING=len(rng), BLOCK=block,
+            VEC=vector_width(params[0].dtype, *[a.dtype for a in avg[:1]]), num_warps=num_warps,
         )  # fmt: skip

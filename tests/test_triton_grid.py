@@ -61,6 +61,13 @@ def test_programs_per_sm(n_regs, shared, warps, expected):
     assert table.programs_per_sm(n_regs, shared, warps, HOPPER) == expected
 
 
+def test_vector_width_is_16_bytes_of_the_widest_dtype():
+    assert table.vector_width(torch.bfloat16, torch.float32) == 4  # bf16 weights, fp32 averages
+    assert table.vector_width(torch.bfloat16) == 8  # LAWA alone: the weights only
+    assert table.vector_width(torch.float32, torch.float64) == 2
+    assert table.vector_width(torch.float16, torch.float16) == 8
+
+
 def test_interpreter_fix_squeezes_one_element_arrays(monkeypatch):
     """Triton 3.6's interpreter: int() of a (1,) array, a TypeError from numpy 2.4 on."""
     from triton.runtime import interpreter

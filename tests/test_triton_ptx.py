@@ -34,18 +34,33 @@ ARCHS = [80, 90]
 BLOCK = 1024  # the GPU block size (the interpreter uses a larger one)
 
 
-def _ptx(fn, signature: dict, constexprs: dict, arch: int) -> Counter:
-    """Global memory instructions in ``fn``'s PTX, with pointer and stride arguments 16-aligned (as
-    Triton's launcher specialises them when they are)."""
+def _compile(fn, signature: dict, constexprs: dict, arch: int):
+    """``fn`` compiled for ``arch`` with pointer and stride arguments 16-aligned (as Triton's
+    launcher specialises them when they are)."""
     names = list(signature)
     aligned = {
         (i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if signature[n].startswith("*") or n == "stride"
     }
     full = dict(signature, **{k: "constexpr" for k in constexprs})
     source = ASTSource(fn=fn, signature=full, constexprs=constexprs, attrs=aligned)
-    ptx = triton.compile(source, target=GPUTarget("cuda", arch, 32)).asm["ptx"]
-    assert f".target sm_{arch}" in ptx
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32))
+    assert f".target sm_{arch}" in compiled.asm["ptx"]
+    return compiled
+
+
+def _ptx(fn, signature: dict, constexprs: dict, arch: int) -> Counter:
+    """Global memory instructions in ``fn``'s PTX."""
+    ptx = _compile(fn, signature, constexprs, arch).asm["ptx"]
     return Counter(re.findall(r"((?:ld|st)\.global[.\w]*)", ptx))
+
+
+def _aligned_loop(fn, signature: dict, constexprs: dict, arch: int) -> str:
+    """The TTGIR of the row-walking kernels' aligned loop: the second scf.for (the first walks the rows)."""
+    loops = _compile(fn, signature, constexprs, arch).asm["ttgir"].split("scf.for")
+    body = loops[2]
+    loads = re.findall(r"tt\.load [^:]*:", body)
+    assert loads and not any("," in load for load in loads), f"not the unmasked loop: {loads}"
+    return body
 
 
 def _update_signature(avg="*fp32", ring="*bf16"):
@@ -68,15 +83,15 @@ def _vector(counts: Counter, kind: str) -> int:
 )
 @pytest.mark.parametrize("n_avg, n_ring", [(1, 0), (0, 1), (2, 1), (4, 2)])
 def test_update_kernel_vectorises_aligned_rows(arch, p_dtype, ring, n_avg, n_ring):
-    counts = _ptx(
-        update.update_kernel,
-        _update_signature(ring=ring),
-        {"P_DTYPE": p_dtype, "MATH": tl.float32, "N_AVG": n_avg, "N_RING": n_ring, "BLOCK": BLOCK},
-        arch,
-    )
-    # 16-byte vectors: the parameter read, each average's read and write, each ring write.
-    assert counts["ld.global.v4.b32"] >= 1 + 2 * n_avg, counts
-    assert counts["st.global.v4.b32"] >= 2 * n_avg + n_ring, counts
+    vec = 4 if n_avg or p_dtype == tl.float32 else 8  # table.vector_width: fp32 averages set it
+    constexprs = {"P_DTYPE": p_dtype, "MATH": tl.float32, "N_AVG": n_avg, "N_RING": n_ring, "BLOCK": BLOCK, "VEC": vec}
+    counts = _ptx(update.update_kernel, _update_signature(ring=ring), constexprs, arch)
+    # Vectors: the parameter read (8 bytes for bf16 beside fp32 averages, else 16), each average's
+    # 16-byte read and write, each ring write.
+    assert _vector(counts, "ld") >= 1 + n_avg and counts["ld.global.v4.b32"] >= n_avg, counts
+    assert _vector(counts, "st") >= n_avg + n_ring and counts["st.global.v4.b32"] >= n_avg, counts
+    # Every access of the aligned loop has one layout: nothing crosses shared memory per iteration.
+    assert "convert_layout" not in _aligned_loop(update.update_kernel, _update_signature(ring=ring), constexprs, arch)
     # The masked loop (misaligned rows and tails) is scalar: nothing vectorised it on a hint.
     scalar_param = "ld.global.b32" if p_dtype == tl.float32 else "ld.global.b16"
     assert counts[scalar_param] > 0, counts
@@ -88,8 +103,10 @@ def test_update_kernel_vectorises_aligned_rows(arch, p_dtype, ring, n_avg, n_rin
 def test_swap_kernel_vectorises(arch, mode):
     source = "*bf16" if mode == swap.FROM_RING else "*fp32"
     sig = {"table": "*i64", "n_rows": "i32", "backup": "*bf16", "source": source, "stride": "i64", "count": "i32"}
-    consts = {"P_DTYPE": tl.bfloat16, "AVG_DTYPE": tl.float32, "MODE": mode, "BLOCK": BLOCK}
+    vec = 4 if mode == swap.FROM_AVERAGE else 8  # table.vector_width of the params and the source
+    consts = {"P_DTYPE": tl.bfloat16, "AVG_DTYPE": tl.float32, "MODE": mode, "BLOCK": BLOCK, "VEC": vec}
     counts = _ptx(swap.swap_kernel, sig, consts, arch)
+    assert "convert_layout" not in _aligned_loop(swap.swap_kernel, sig, consts, arch)
     writes = 1 if mode == swap.RESTORE else 2  # restore: p; swap in: backup and p
     assert _vector(counts, "ld") >= writes and _vector(counts, "st") >= writes, counts
     assert counts["ld.global.b16"] > 0, counts  # the masked path stays scalar
