@@ -62,7 +62,7 @@ FALLBACK_PROGRAMS_PER_SM = 8  # where the compiled kernel cannot be inspected
 
 
 def _resident_programs(kernel, index: int, args, meta) -> int:
-    key = (kernel, index, tuple(sorted((name, str(value)) for name, value in meta.items())))
+    key = (kernel, index, tuple(meta.items()))  # tl.dtype hashes; each call site passes one order
     if key not in _RESIDENT:
         props = torch.cuda.get_device_properties(index)
         try:
