@@ -4,7 +4,7 @@
 # native CUDA kernels and real Triton compilation here), benchmark every backend on GPT-2 124M
 # shapes against the stock paths and the measured copy bandwidth, time the host side of step(),
 # and write everything under $OUT
-# (8 files, the most the device tool returns). Stage timeouts add up to 7.5 minutes, plus the build
+# (8 files, the most the device tool returns). Stage timeouts add up to 7.3 minutes, plus the build
 # (33 s for one arch on an H200; give the call timeout_s=570);
 # the stages ran in 4.6 minutes on an H200 (2026-11-28, before the kernel sweep was added).
 #   OUT=/some/dir bash bench/gpu_check.sh
@@ -34,7 +34,7 @@ echo "install + native build: $(( $(date +%s) - build_started )) s for TORCH_CUD
 # raises with torch 2.11 and 2.13 built elsewhere: record the toolchain and probe it in a child
 # process, with faulthandler's stack if it crashes.
 { g++ --version | head -1; nvcc --version | tail -2; ldd fastavg/_C*.so 2>/dev/null | grep -E "gomp|stdc|gcc_s|c10"; } >>"$log" 2>&1
-timeout 30 "$PY" -X faulthandler -c "
+timeout 20 "$PY" -X faulthandler -c "
 import torch, fastavg
 fastavg.available_backends('cpu')
 try:

@@ -61,6 +61,18 @@ def _no_op(*args, **kwargs) -> None:
     return None
 
 
+def update_launches(averages, weights, rings, slots, max_averages: int, max_rings: int):
+    """``update_``'s buffers in batches for kernels that take at most ``max_averages`` averages and
+    ``max_rings`` ring slots per launch: yields (averages, weights, ring slot views) per launch."""
+    slot_views = [ring[slot] for ring, slot in zip(rings, slots)]
+    launches = max(-(-len(averages) // max_averages), -(-len(slot_views) // max_rings))
+    for i in range(launches):
+        avg = averages[i * max_averages : (i + 1) * max_averages]
+        rng = slot_views[i * max_rings : (i + 1) * max_rings]
+        if avg or rng:
+            yield avg, weights[i * max_averages : (i + 1) * max_averages], rng
+
+
 @dataclass
 class Backend:
     """One backend: direct callables for eager mode, registered ops for tracing, and availability."""

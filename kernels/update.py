@@ -9,6 +9,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..ops import update_launches
 from .access import cast, full_blocks_end, load, math_dtype, row, store
 from .table import BLOCK, NUM_WARPS, TL_DTYPES, launch, split_weight, vector_width
 
@@ -82,14 +83,7 @@ def update_(params, table, averages, weights, rings, slots, *, block=BLOCK, num_
         return
     p_dtype = TL_DTYPES[params[0].dtype]
     math = math_dtype(TL_DTYPES[averages[0].dtype]) if averages else tl.float32
-    slot_views = [ring[slot] for ring, slot in zip(rings, slots)]
-    launches = max(-(-len(averages) // MAX_AVERAGES), -(-len(slot_views) // MAX_RINGS))
-    for i in range(launches):
-        avg = averages[i * MAX_AVERAGES : (i + 1) * MAX_AVERAGES]
-        wts = weights[i * MAX_AVERAGES : (i + 1) * MAX_AVERAGES]
-        rng = slot_views[i * MAX_RINGS : (i + 1) * MAX_RINGS]
-        if not (avg or rng):
-            continue
+    for avg, wts, rng in update_launches(averages, weights, rings, slots, MAX_AVERAGES, MAX_RINGS):
         filler = (avg or rng)[0]  # unused pointer slots: never dereferenced (N_AVG / N_RING)
         pointers = [*avg, *[filler] * (MAX_AVERAGES - len(avg))]
         coefficients = [c for w in [*wts, *[0.0] * (MAX_AVERAGES - len(wts))] for c in split_weight(w)]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from fastavg.ops import Backend
+from fastavg.ops import Backend, update_launches
 from fastavg.table import build_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,14 +76,8 @@ def backend(lib: ctypes.CDLL, most_blocks: int) -> Backend:
     def update_(params, table, averages, weights, rings, slots):
         if not params or not (averages or rings):
             return
-        slot_views = [ring[slot] for ring, slot in zip(rings, slots)]
-        launches = max(-(-len(averages) // MAX_AVERAGES), -(-len(slot_views) // MAX_RINGS))
-        for i in range(launches):
-            avg = averages[i * MAX_AVERAGES : (i + 1) * MAX_AVERAGES]
-            wts = weights[i * MAX_AVERAGES : (i + 1) * MAX_AVERAGES]
-            rng = slot_views[i * MAX_RINGS : (i + 1) * MAX_RINGS]
-            if not (avg or rng):
-                continue
+        # As cuda_binding.cpp's update_cuda splits them.
+        for avg, wts, rng in update_launches(averages, weights, rings, slots, MAX_AVERAGES, MAX_RINGS):
             vectors_ok = all(_aligned(t.data_ptr()) for t in [*avg, *rng])
             average_code = CODES[avg[0].dtype] if avg else CODES[params[0].dtype]
             launched = lib.emulate_update(
