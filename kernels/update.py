@@ -75,7 +75,14 @@ def update_kernel(table, n_rows, a0, a1, a2, a3, h0, l0, c0, h1, l1, c1, h2, l2,
                    c0, c1, c2, c3, r0, r1, N_AVG, N_RING, MATH, True)  # fmt: skip
 
 
-def update_(params, table, averages, weights, rings, slots, *, block=BLOCK, num_warps=NUM_WARPS) -> None:
+# Rings alone (LAWA's copy) read 2 bytes and write 2 per element: at BLOCK, one 16-byte vector per
+# thread and iteration is in flight, about 2 MB over an H200, under the ~3 MB its bandwidth times
+# latency asks for (LAWA alone ran at 50% of copy, EMA with 48 bytes per thread at 89%). Twice the
+# block doubles it (ptxas: 56 registers, 8 programs per SM). To be confirmed by kernel_sweep.py.
+RINGS_ONLY_BLOCK = 2 * BLOCK
+
+
+def update_(params, table, averages, weights, rings, slots, *, block=None, num_warps=NUM_WARPS) -> None:
     """Launch ``update_kernel`` over the group: at most 4 averages and 2 rings per launch.
     ``block`` and ``num_warps`` are for tuning (bench/kernel_sweep.py); the op uses the defaults."""
     n_rows = table.shape[0]
@@ -90,6 +97,7 @@ def update_(params, table, averages, weights, rings, slots, *, block=BLOCK, num_
         ring_pointers = [*rng, *[filler] * (MAX_RINGS - len(rng))]
         launch(
             update_kernel, n_rows, table.device, table, n_rows, *pointers, *coefficients, *ring_pointers,
-            P_DTYPE=p_dtype, MATH=math, N_AVG=len(avg), N_RING=len(rng), BLOCK=block,
+            P_DTYPE=p_dtype, MATH=math, N_AVG=len(avg), N_RING=len(rng),
+            BLOCK=block or (BLOCK if avg else RINGS_ONLY_BLOCK),
             VEC=vector_width(params[0].dtype, *[a.dtype for a in avg[:1]]), num_warps=num_warps,
         )  # fmt: skip
