@@ -239,8 +239,8 @@ inline void finish_update_args(UpdateArgs& args) {
 }
 
 // Blocks for `items` rows walked with a stride of the grid, at most `most` resident at once, each
-// walking an equal share: GPT-2's 1,995 rows over 1,056 slots take 998 blocks of 2 rows, not 1,056
-// of which 117 finish after one row.
+// walking an equal share: 1,995 rows over 1,056 slots take 998 blocks of 2 rows, not 1,056 of which
+// 117 finish after one row.
 inline int64_t balanced_blocks(int64_t items, int64_t most) {
   items = items > 1 ? items : 1;
   most = most > 1 ? most : 1;

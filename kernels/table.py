@@ -34,8 +34,8 @@ BLOCK = 4096 if INTERPRET else 1024
 
 def balanced_grid(work_items: int, most: int) -> int:
     """Programs for ``work_items`` rows (or blocks) walked with a stride of the grid, at most
-    ``most`` at once, each walking the same number (one fewer at worst): GPT-2's 1,995 rows over
-    1,056 slots take 998 programs of 2 rows, not 1,056 of which 117 finish after one row."""
+    ``most`` at once, each walking the same number (one fewer at worst): 1,995 rows over 1,056
+    slots take 998 programs of 2 rows, not 1,056 of which 117 finish after one row."""
     work = max(1, work_items)
     rounds = -(-work // max(1, most))
     return -(-work // rounds)

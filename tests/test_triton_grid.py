@@ -27,7 +27,8 @@ HOPPER = types.SimpleNamespace(
 @pytest.mark.parametrize(
     "work, most, expected",
     [
-        (1995, 1056, 998),  # GPT-2 124M's rows: two each, instead of 117 programs with one
+        (1995, 1056, 998),  # two rows each, instead of 117 programs with one
+        (3892, 1584, 1298),  # GPT-2 124M's rows at CHUNK 2^15, the bf16 EMA kernel's slots on an H200
         (1995, 1584, 998),
         (1995, 792, 665),
         (500, 1056, 500),  # fewer rows than slots: one each
