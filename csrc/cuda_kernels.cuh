@@ -55,8 +55,8 @@ template <typename A>
 using Math = typename std::conditional<std::is_same<A, double>::value, double, float>::type;
 
 // The weight of average k in the math type: read from the kernel's parameter space at each use
-// rather than held in registers (ptxas -v: 40 -> 32 registers for bf16 -> float, so 8 blocks of
-// 256 threads fit an SM).
+// rather than copied into registers (ptxas -v, sm_90: that took the run-time-count kernel for
+// bf16 -> float from 40 registers to 32; registers decide how many blocks an SM holds).
 template <typename M>
 __device__ __forceinline__ M weight(const UpdateArgs& args, int k) {
   if constexpr (std::is_same<M, double>::value) {
