@@ -33,9 +33,9 @@ def interleaved_median_ms(
 
     On a GPU a sample starts from a busy queue: the GPU is synchronised, one untimed call is
     queued, then ``calls`` calls are timed between two events (one suffices for calls of many
-    milliseconds, such as a training step). Timing a single call
-    right after another case left the queue empty counted that call's own host latency on top of
-    its kernel, so a case's time depended on which case ran before it.
+    milliseconds, such as a training step). Timing a single call right after another case left
+    the queue empty counted that call's own host latency on top of its kernel, so a case's time
+    depended on which case ran before it.
     """
     for _ in range(warmup):
         for fn in fns:
