@@ -45,11 +45,25 @@ struct Num<double> {
   static __device__ __forceinline__ double down(double x) { return x; }
 };
 
-// V elements moved as one (or, for wider types, several) aligned 16-byte access.
+// V elements moved as one aligned access of up to 16 bytes (or, for wider types, several).
 template <typename T, int V>
-struct alignas(16) Vec {
+struct alignas(sizeof(T) * V < 16 ? sizeof(T) * V : 16) Vec {
   T v[V];
 };
+
+// Elements per access: 16 bytes of the WIDEST type a kernel touches, so that every warp-wide load
+// and store covers one contiguous span (bf16 parameters beside fp32 averages: 8-byte parameter
+// loads, 16-byte average loads and stores). Sized by the parameters instead (8 elements), each
+// thread's two 16-byte average accesses were 32 bytes apart: every warp-wide access touched half of
+// each of 32 sectors (H200, run 3: the bf16 EMA at 86% of copy, Triton with this layout at 93%).
+template <typename P, typename A>
+constexpr int kAccessWidth = 16 / (sizeof(A) > sizeof(P) ? sizeof(A) : sizeof(P));
+
+// Vectors per thread per pass: about 8 elements, as the Triton kernels' best measured blocks (1,024
+// elements over 128 threads for EMA and LAWA; 512 with two or more averages, whose registers
+// would otherwise cost occupancy). They are a block apart, all loaded before any is stored.
+template <int V, int NA>
+constexpr int kVectorsPerPass = NA >= 2 || V >= 8 ? 1 : 8 / V;
 
 template <typename A>
 using Math = typename std::conditional<std::is_same<A, double>::value, double, float>::type;
@@ -66,40 +80,113 @@ __device__ __forceinline__ M weight(const UpdateArgs& args, int k) {
   }
 }
 
+template <typename T, int V>
+__device__ __forceinline__ Vec<T, V> load_vec(const T* base, int64_t i) {
+  return *reinterpret_cast<const Vec<T, V>*>(base + i * V);
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void store_vec(T* base, int64_t i, const Vec<T, V>& value) {
+  *reinterpret_cast<Vec<T, V>*>(base + i * V) = value;
+}
+
+// Loads and stores through a TABLE address (a parameter). The compiler takes pointers read from
+// memory as generic, so a plain access compiles to LD / ST (sm_90 SASS), not LDG / STG as for the
+// kernel-argument pointers; and the intrinsics that say "global" add a cache operator (__ldca:
+// LDG.STRONG.SM; __ldg: the read-only path, wrong where the kernel writes p). So: plain weak
+// ld.global / st.global, volatile so the load and store of one p element keep their order.
+template <typename T, int V>
+__device__ __forceinline__ Vec<T, V> load_global(const T* base, int64_t i) {
+#if defined(__CUDA_ARCH__)
+  const T* address = base + i * V;
+  Vec<T, V> out;
+  unsigned* w = reinterpret_cast<unsigned*>(&out);
+  static_assert(sizeof(out) == 4 || sizeof(out) == 8 || sizeof(out) == 16, "4, 8 or 16 bytes");
+  if constexpr (sizeof(out) == 16) {
+    asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3]) : "l"(address));
+  } else if constexpr (sizeof(out) == 8) {
+    asm volatile("ld.global.v2.u32 {%0, %1}, [%2];" : "=r"(w[0]), "=r"(w[1]) : "l"(address));
+  } else {
+    asm volatile("ld.global.u32 %0, [%1];" : "=r"(w[0]) : "l"(address));
+  }
+  return out;
+#else
+  return load_vec<T, V>(base, i);
+#endif
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void store_global(T* base, int64_t i, const Vec<T, V>& value) {
+#if defined(__CUDA_ARCH__)
+  T* address = base + i * V;
+  const unsigned* w = reinterpret_cast<const unsigned*>(&value);
+  static_assert(sizeof(value) == 4 || sizeof(value) == 8 || sizeof(value) == 16, "4, 8 or 16 bytes");
+  if constexpr (sizeof(value) == 16) {
+    asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(address), "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3])
+                 : "memory");
+  } else if constexpr (sizeof(value) == 8) {
+    asm volatile("st.global.v2.u32 [%0], {%1, %2};" ::"l"(address), "r"(w[0]), "r"(w[1]) : "memory");
+  } else {
+    asm volatile("st.global.u32 [%0], %1;" ::"l"(address), "r"(w[0]) : "memory");
+  }
+#else
+  store_vec<T, V>(base, i, value);
+#endif
+}
+
+// A row's aligned part: how many whole V-vectors its vector loop moves (0 for a misaligned row).
+template <int V>
+__device__ __forceinline__ int64_t row_vectors(const int64_t* row, bool vectors_ok) {
+  return (row[3] != 0 && vectors_ok) ? row[2] / V : 0;
+}
+
 // NA averages and NR rings due, fixed at compile time (one kernel per combination: the launcher
 // picks it), so every loop below unrolls and each thread issues all its loads before any store.
 template <typename P, typename A, int NA, int NR>
 __global__ void __launch_bounds__(kThreads) update_kernel(const __grid_constant__ UpdateArgs args) {
   static_assert(NA <= kMaxAverages && NR <= kMaxRings && NA + NR > 0, "one launch takes 1 to 4 + 2 buffers");
   using M = Math<A>;
-  constexpr int V = 16 / sizeof(P);
+  constexpr int V = NA > 0 ? kAccessWidth<P, A> : kAccessWidth<P, P>;
+  constexpr int U = kVectorsPerPass<V, NA>;
   for (int64_t r = blockIdx.x; r < args.rows; r += gridDim.x) {
     const int64_t* row = args.table + 4 * r;
     const P* p = reinterpret_cast<const P*>(row[0]);
     const int64_t offset = row[1], length = row[2];
-    const int64_t vec_end = (row[3] != 0 && args.vectors_ok) ? length / V * V : 0;
-    for (int64_t j = int64_t(threadIdx.x) * V; j < vec_end; j += int64_t(blockDim.x) * V) {
-      const Vec<P, V> pv = *reinterpret_cast<const Vec<P, V>*>(p + j);
-      Vec<A, V> av[NA > 0 ? NA : 1];
+    const int64_t vectors = row_vectors<V>(row, args.vectors_ok);
+    for (int64_t first = threadIdx.x; first < vectors; first += int64_t(blockDim.x) * U) {
+      Vec<P, V> pv[U];
+      Vec<A, V> av[U][NA > 0 ? NA : 1];
 #pragma unroll
-      for (int k = 0; k < NA; ++k) av[k] = *reinterpret_cast<const Vec<A, V>*>(static_cast<A*>(args.averages[k]) + offset + j);
+      for (int u = 0; u < U; ++u) {
+        const int64_t i = first + int64_t(u) * blockDim.x;
+        if (i >= vectors) break;
+        pv[u] = load_global<P, V>(p, i);
 #pragma unroll
-      for (int k = 0; k < NR; ++k) *reinterpret_cast<Vec<P, V>*>(static_cast<P*>(args.rings[k]) + offset + j) = pv;
-      if constexpr (NA > 0) {
-        M pm[V];
+        for (int k = 0; k < NA; ++k) av[u][k] = load_vec<A, V>(static_cast<const A*>(args.averages[k]) + offset, i);
+      }
 #pragma unroll
-        for (int e = 0; e < V; ++e) pm[e] = static_cast<M>(Num<P>::up(pv.v[e]));
+      for (int u = 0; u < U; ++u) {
+        const int64_t i = first + int64_t(u) * blockDim.x;
+        if (i >= vectors) break;
 #pragma unroll
-        for (int k = 0; k < NA; ++k) {
+        for (int k = 0; k < NR; ++k) store_vec<P, V>(static_cast<P*>(args.rings[k]) + offset, i, pv[u]);
+        if constexpr (NA > 0) {
+          M pm[V];
 #pragma unroll
-          for (int e = 0; e < V; ++e) {
-            av[k].v[e] = Num<A>::down(next_average(static_cast<M>(Num<A>::up(av[k].v[e])), pm[e], weight<M>(args, k), args.copies[k]));
+          for (int e = 0; e < V; ++e) pm[e] = static_cast<M>(Num<P>::up(pv[u].v[e]));
+#pragma unroll
+          for (int k = 0; k < NA; ++k) {
+#pragma unroll
+            for (int e = 0; e < V; ++e) {
+              av[u][k].v[e] = Num<A>::down(
+                  next_average(static_cast<M>(Num<A>::up(av[u][k].v[e])), pm[e], weight<M>(args, k), args.copies[k]));
+            }
+            store_vec<A, V>(static_cast<A*>(args.averages[k]) + offset, i, av[u][k]);
           }
-          *reinterpret_cast<Vec<A, V>*>(static_cast<A*>(args.averages[k]) + offset + j) = av[k];
         }
       }
     }
-    for (int64_t j = vec_end + threadIdx.x; j < length; j += blockDim.x) {
+    for (int64_t j = vectors * V + threadIdx.x; j < length; j += blockDim.x) {
       const P pv = p[j];
 #pragma unroll
       for (int k = 0; k < NR; ++k) static_cast<P*>(args.rings[k])[offset + j] = pv;
@@ -125,30 +212,49 @@ __device__ __forceinline__ P swapped_in(const void* source, int64_t flat, int64_
   return Num<P>::down(static_cast<double>(Num<A>::up(static_cast<const A*>(source)[flat])));
 }
 
+// Mode 0: p = the average (read as vectors of kAccessWidth); 1: p = the ring mean (its elements
+// read one by one, count per element: averaged() only); 2: p = backup (restore). Vectors per pass
+// and their order as in update_kernel: every load of a pass before its stores.
 template <typename P, typename A, int Mode>
 __global__ void __launch_bounds__(kThreads) swap_kernel(const int64_t* table, int64_t rows, P* backup,
                                                         const void* source, int64_t stride, int64_t count,
                                                         bool vectors_ok) {
-  constexpr int V = 16 / sizeof(P);
+  constexpr int V = Mode == 0 ? kAccessWidth<P, A> : kAccessWidth<P, P>;
+  constexpr int U = kVectorsPerPass<V, 1>;
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const int64_t* row = table + 4 * r;
     P* p = reinterpret_cast<P*>(row[0]);
     const int64_t offset = row[1], length = row[2];
-    const int64_t vec_end = (row[3] != 0 && vectors_ok) ? length / V * V : 0;
-    for (int64_t j = int64_t(threadIdx.x) * V; j < vec_end; j += int64_t(blockDim.x) * V) {
-      auto* pv = reinterpret_cast<Vec<P, V>*>(p + j);
-      auto* bv = reinterpret_cast<Vec<P, V>*>(backup + offset + j);
-      if (Mode == 2) {
-        *pv = *bv;
-        continue;
-      }
-      *bv = *pv;
-      Vec<P, V> out;
+    const int64_t vectors = row_vectors<V>(row, vectors_ok);
+    for (int64_t first = threadIdx.x; first < vectors; first += int64_t(blockDim.x) * U) {
+      Vec<P, V> old[U], out[U];
 #pragma unroll
-      for (int e = 0; e < V; ++e) out.v[e] = swapped_in<P, A, Mode>(source, offset + j + e, stride, count);
-      *pv = out;
+      for (int u = 0; u < U; ++u) {
+        const int64_t i = first + int64_t(u) * blockDim.x;
+        if (i >= vectors) break;
+        if constexpr (Mode == 2) {
+          out[u] = load_vec<P, V>(backup + offset, i);
+        } else {
+          old[u] = load_global<P, V>(p, i);
+          if constexpr (Mode == 0) {
+            const Vec<A, V> average = load_vec<A, V>(static_cast<const A*>(source) + offset, i);
+#pragma unroll
+            for (int e = 0; e < V; ++e) out[u].v[e] = Num<P>::down(static_cast<double>(Num<A>::up(average.v[e])));
+          } else {
+#pragma unroll
+            for (int e = 0; e < V; ++e) out[u].v[e] = swapped_in<P, A, Mode>(source, offset + i * V + e, stride, count);
+          }
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int64_t i = first + int64_t(u) * blockDim.x;
+        if (i >= vectors) break;
+        if constexpr (Mode != 2) store_vec<P, V>(backup + offset, i, old[u]);
+        store_global<P, V>(p, i, out[u]);
+      }
     }
-    for (int64_t j = vec_end + threadIdx.x; j < length; j += blockDim.x) {
+    for (int64_t j = vectors * V + threadIdx.x; j < length; j += blockDim.x) {
       if (Mode == 2) {
         p[j] = backup[offset + j];
       } else {
