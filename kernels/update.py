@@ -75,11 +75,12 @@ def update_kernel(table, n_rows, a0, a1, a2, a3, h0, l0, c0, h1, l1, c1, h2, l2,
                    c0, c1, c2, c3, r0, r1, N_AVG, N_RING, MATH, True)  # fmt: skip
 
 
-# Rings alone (LAWA's copy) read 2 bytes and write 2 per element: at BLOCK, one 16-byte vector per
-# thread and iteration is in flight, about 2 MB over an H200, under the ~3 MB its bandwidth times
-# latency asks for (LAWA alone ran at 50% of copy, EMA with 48 bytes per thread at 89%). Twice the
-# block doubles it (ptxas: 56 registers, 8 programs per SM). To be confirmed by kernel_sweep.py.
-RINGS_ONLY_BLOCK = 2 * BLOCK
+# Elements per inner iteration: BLOCK (8 per thread at 4 warps) for one average, or rings alone;
+# half that for two or more averages, whose registers at BLOCK (EMA+SWA+LAWA: 94, triton 3.6
+# ptxas, against 48 at 512) leave fewer programs per SM. H200 kernel sweep (run 3, bf16 -> fp32):
+# EMA+SWA+LAWA 0.656 ms at 512 vs 0.674 at 1024; rings alone 0.131 ms at 1024 vs 0.134 at 2048
+# (the 2048 used until then); EMA 0.315 to 0.319 ms at every block from 512 to 4096.
+MANY_AVERAGES_BLOCK = BLOCK // 2
 
 
 def update_(params, table, averages, weights, rings, slots, *, block=None, num_warps=NUM_WARPS) -> None:
@@ -98,6 +99,6 @@ def update_(params, table, averages, weights, rings, slots, *, block=None, num_w
         launch(
             update_kernel, n_rows, table.device, table, n_rows, *pointers, *coefficients, *ring_pointers,
             P_DTYPE=p_dtype, MATH=math, N_AVG=len(avg), N_RING=len(rng),
-            BLOCK=block or (BLOCK if avg else RINGS_ONLY_BLOCK),
+            BLOCK=block or (MANY_AVERAGES_BLOCK if len(avg) >= 2 else BLOCK),
             VEC=vector_width(params[0].dtype, *[a.dtype for a in avg[:1]]), num_warps=num_warps,
         )  # fmt: skip
