@@ -13,7 +13,7 @@ import sys
 
 from setuptools import setup
 
-CPU_SOURCES = ["csrc/register.cpp", "csrc/ops_cpu.cpp"]
+CPU_SOURCES = ["csrc/register.cpp", "csrc/ops_cpu.cpp", "csrc/params_check.cpp"]
 CUDA_SOURCES = ["csrc/cuda_binding.cpp", "csrc/ops_cuda.cu"]
 
 

@@ -1,7 +1,10 @@
 // fastavg._C: the op schemas of namespace fastavg_native (equal to fastavg/ops.py's SCHEMAS; a test
-// checks it) and a minimal Python module, so `import fastavg._C` loads the library.
+// checks it) and the Python module whose import loads the library, with the parameter check of
+// params_check.cpp.
 #include <Python.h>
 #include <torch/library.h>
+
+#include "params_check.h"
 
 TORCH_LIBRARY(fastavg_native, m) {
   m.def("update_(Tensor[] params, Tensor table, Tensor(a!)[] averages, float[] weights, Tensor(b!)[] rings, int[] slots) -> ()");
@@ -12,9 +15,11 @@ TORCH_LIBRARY(fastavg_native, m) {
 }
 
 extern "C" {
-// No Python API is exposed: importing the module registers the ops (static initialisers above).
+// Importing the module registers the ops (static initialisers above); its functions are the
+// parameter check's.
 PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "fastavg's compiled ops (torch.ops.fastavg_native)", -1, nullptr};
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "fastavg's compiled ops (torch.ops.fastavg_native)",
+                                      -1, fastavg::kPythonMethods};
   return PyModule_Create(&module);
 }
 }

@@ -9,10 +9,13 @@ from .ops import SCHEMAS, Backend, add_backend
 from .table import build_table
 
 try:
-    from . import _C  # noqa: F401  (loading it registers the ops)
+    from . import _C  # loading it registers the ops
 
     MISSING = None
+    # Its C check that parameters were not replaced (flat.py), where the build has it.
+    params_check = _C if hasattr(_C, "params_unchanged") else None
 except ImportError as err:
+    params_check = None
     MISSING = (
         f"the compiled extension fastavg._C is not built ({err}); reinstall where a C++ compiler and torch "
         "are present: `pip install --no-build-isolation .` (and FASTAVG_NO_NATIVE unset)"
