@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 import warnings
 
 import torch
@@ -110,7 +111,11 @@ def vector_width(*dtypes: torch.dtype) -> int:
     return 16 // max(dtype.itemsize for dtype in dtypes)
 
 
+_FLOAT32 = struct.Struct("f")
+
+
 def split_weight(weight: float) -> tuple[float, float, int]:
     """``weight`` as float32 hi + lo (Triton passes Python floats as float32) and a copy flag."""
-    hi = float(torch.tensor(weight, dtype=torch.float32))
+    # struct rounds to nearest even as torch does, in 0.2 us instead of a tensor's 3 (4 per launch).
+    hi = _FLOAT32.unpack(_FLOAT32.pack(weight))[0]
     return hi, weight - hi, int(weight == 1.0)
