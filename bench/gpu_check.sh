@@ -54,7 +54,7 @@ tests_rc=${PIPESTATUS[0]}
 echo "== bench" && timeout 90 "$PY" -m fastavg.bench --params gpt2 --repeats 20 --json "$OUT/bench_gpt2.json" --plot "$OUT/bench_gpt2.png" 2>&1 | tee -a "$OUT/tests.log"
 # The target: < 1% for gpt2 at the paper's per-GPU batch (16 x 1024 tokens, 8 accumulation steps).
 echo "== train step" && timeout 60 "$PY" -m fastavg.bench --train-step --repeats 5 --warmup 2 --json "$OUT/bench_train_step.json" 2>&1 | tee -a "$OUT/tests.log"
-echo "== step overhead" && timeout 20 "$PY" bench/step_overhead.py --device cuda 2>&1 | tee "$OUT/step_overhead.txt"
+echo "== step overhead" && timeout 30 "$PY" bench/step_overhead.py --device cuda --profile 2>&1 | tee "$OUT/step_overhead.txt"
 # The kernels alone: Triton block sizes and warp counts, and native, against the copy (into the
 # same file: the device tool returns 8 files at most).
 echo "== kernel sweep" && timeout 60 "$PY" bench/kernel_sweep.py 2>&1 | tee -a "$OUT/step_overhead.txt"

@@ -2,14 +2,20 @@
 
 Each tensor is shrunk to at most 64 elements, so what is timed is the Python side and op dispatch,
 not memory traffic.  Usage: python bench/step_overhead.py [--backends torch triton] [--device cpu]
+[--profile]: --profile adds where the time of the benchmark's opt.step() goes (cProfile) and, on a
+GPU, what one Triton launch costs through the JIT against a compiled handle.
 """
 
 import argparse
+import cProfile
+import io
+import pstats
 import time
 
 import torch
 
 import fastavg
+from fastavg.bench.cases import fastavg_case
 from fastavg.bench.shapes import gpt2_shapes
 
 
@@ -26,6 +32,7 @@ def main():
     parser.add_argument("--backends", nargs="+", help="default: every backend available on the device")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=2000)
+    parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     device_type = torch.device(args.device).type
     backends = args.backends or [b for b, why in fastavg.available_backends(device_type).items() if why is None]
@@ -40,11 +47,54 @@ def main():
             "parameter check (148 tensors)": fastavg.Averager(params, "ema", backend=backend).check_params,
             "step, EMA due": fastavg.Averager(params, fastavg.EMA(), backend=backend).step,
             "step, EMA+SWA+LAWA due": fastavg.Averager(params, all_three, backend=backend).step,
+            # What fastavg-bench times for LAWA alone (its kernel is the shortest: 0.13 ms on an H200).
+            "opt.step(), LAWA due": fastavg_case("lawa", params, backend).step,
         }
         for name, fn in rows.items():
             # Host time per call: on a GPU the launches are asynchronous, so this is the Python
             # and launch cost a training step pays, not the kernel's time.
             print(f"{backend:7s} {name:32s} {per_call_us(fn, args.repeats):8.1f} us")
+        if args.profile:
+            print_profile(rows["opt.step(), LAWA due"], args.repeats)
+    if args.profile and device_type == "cuda" and "triton" in backends:
+        triton_launch_costs(params, args.repeats)
+
+
+def print_profile(fn, repeats: int, lines: int = 12) -> None:
+    """The functions taking the most time of their own over ``repeats`` calls of ``fn``."""
+    profile = cProfile.Profile()
+    profile.runcall(lambda: [fn() for _ in range(repeats)])
+    text = io.StringIO()
+    pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(lines)
+    body = text.getvalue().split("ncalls", 1)[-1]
+    print("  ncalls" + body.rstrip())
+
+
+def triton_launch_costs(params, repeats: int) -> None:
+    """One update launch of the Triton backend three ways: fastavg's update_, the JIT launch it ends
+    in (argument binding and specialisation per call), and a compiled handle launched directly."""
+    from fastavg.kernels import table, update
+
+    group = fastavg.Averager(params, fastavg.EMA(), backend="triton")._groups[0]
+    averages = [torch.zeros(group.numel, dtype=group.average_dtype, device=group.device)]
+    captured = {}
+    launch = update.launch
+    update.launch = lambda kernel, work, device, *a, **meta: captured.update(
+        kernel=kernel, work=work, args=a, meta=meta
+    )
+    update.update_(group.flat_params, group.table, averages, [0.01], [], [])
+    update.launch = launch
+    kernel, work, a, meta = captured["kernel"], captured["work"], captured["args"], captured["meta"]
+    grid = (table.balanced_grid(work, table._resident_programs(kernel, group.device.index or 0, a, meta)),)
+    compiled = kernel.warmup(*a, grid=grid, **meta)
+    constexprs = [meta[name] for name in kernel.arg_names[len(a) :]]
+    runs = {
+        "fastavg update_ (1 launch)": lambda: update.update_(group.flat_params, group.table, averages, [0.01], [], []),
+        "JIT kernel[grid](...)": lambda: kernel[grid](*a, **meta),
+        "compiled handle[grid](...)": lambda: compiled[grid](*a, *constexprs),
+    }
+    for name, fn in runs.items():
+        print(f"triton  {name:32s} {per_call_us(fn, repeats):8.1f} us")
 
 
 if __name__ == "__main__":
