@@ -91,7 +91,8 @@ def triton_launch_costs(params, repeats: int) -> None:
     runs = {
         "fastavg update_ (1 launch)": lambda: update.update_(group.flat_params, group.table, averages, [0.01], [], []),
         "JIT kernel[grid](...)": lambda: kernel[grid](*a, **meta),
-        "compiled handle[grid](...)": lambda: compiled[grid](*a, *constexprs),
+        # The handle's runner indexes all three grid dimensions.
+        "compiled handle[grid](...)": lambda: compiled[(grid[0], 1, 1)](*a, *constexprs),
     }
     for name, fn in runs.items():
         print(f"triton  {name:32s} {per_call_us(fn, repeats):8.1f} us")

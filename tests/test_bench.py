@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastavg
-from fastavg.bench import cases, cli
+from fastavg.bench import cases, cli, timing
 from fastavg.bench.shapes import gpt2_shapes
 
 REQUIRED = {"update", "impl", "dtype", "numel", "median_ms", "gbps", "pct_of_copy", "speedup_vs_stock",
@@ -27,6 +27,15 @@ def test_minimal_bytes_follow_the_design_table():
     assert cases.minimal_bytes_per_element("lawa", bf16, fp32) == 4
     assert cases.minimal_bytes_per_element("all", bf16, fp32) == 20
     assert cases.minimal_bytes_per_element("swap", bf16, fp32) == 14  # swap-in 10 + restore 4
+
+
+@pytest.mark.parametrize(
+    "ms_per_call, calls, expected",
+    [(0.13, 5, 39), (1.6, 5, 5), (360.0, 1, 1), (0.001, 5, timing.MAX_CALLS_PER_SAMPLE), (0.0, 1, 100)],
+)
+def test_gpu_samples_span_the_minimum_time(ms_per_call, calls, expected):
+    # LAWA's 0.13 ms kernel takes enough calls for 5 ms; a training step keeps its single call.
+    assert timing.calls_per_sample(ms_per_call, calls) == expected
 
 
 def test_quick_run_writes_every_output(tmp_path, capsys):

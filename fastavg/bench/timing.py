@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
 
-# On a GPU each timed sample is this many back-to-back calls: the steady rate of a training loop,
-# where the host's Python (step()'s bookkeeping, launches) hides behind the previous kernels
-# unless it is the slower of the two, and then it is what is measured.
+# On a GPU each timed sample is back-to-back calls, at least this many and spanning at least
+# MIN_SAMPLE_MS: the steady rate of a loop of calls, where the host's Python (step()'s bookkeeping,
+# launches) hides behind the previous kernels unless it is the slower of the two, and then it is
+# what is measured. Five calls of LAWA alone (0.13 ms each on an H200) right after a synchronise
+# measured its host side cold, 2.3 times its warm time (H200, run 4: opt.step() 95 us warm in a
+# loop, ~0.22 ms per call in the samples), for every backend and the stock path alike.
 GPU_CALLS_PER_SAMPLE = 5
+MIN_SAMPLE_MS = 5.0
+MAX_CALLS_PER_SAMPLE = 100
 
 
 def median_ms(
@@ -19,6 +25,25 @@ def median_ms(
 ) -> float:
     """Median milliseconds of one ``fn()`` call."""
     return interleaved_median_ms([fn], device, repeats, warmup, calls)[0]
+
+
+def _timed_calls_ms(fn: Callable[[], object], device: torch.device, calls: int) -> tuple:
+    """Queue one untimed ``fn()`` after a synchronise, then ``calls`` calls between two events."""
+    torch.cuda.synchronize(device)
+    fn()  # untimed: keeps the GPU busy while the timed calls are queued
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    return start, end
+
+
+def calls_per_sample(ms_per_call: float, calls: int) -> int:
+    """At least ``calls``, and enough calls of ``ms_per_call`` to span MIN_SAMPLE_MS (at most
+    MAX_CALLS_PER_SAMPLE)."""
+    wanted = math.ceil(MIN_SAMPLE_MS / max(ms_per_call, 1e-6))
+    return max(calls, min(wanted, MAX_CALLS_PER_SAMPLE))
 
 
 def interleaved_median_ms(
@@ -32,28 +57,27 @@ def interleaved_median_ms(
     repeat), so a machine whose load drifts (a shared VM: 1.5x between runs, measured) biases none.
 
     On a GPU a sample starts from a busy queue: the GPU is synchronised, one untimed call is
-    queued, then ``calls`` calls are timed between two events (one suffices for calls of many
-    milliseconds, such as a training step). Timing a single call right after another case left
-    the queue empty counted that call's own host latency on top of its kernel, so a case's time
-    depended on which case ran before it.
+    queued, then back-to-back calls are timed between two events: ``calls`` (one suffices for
+    calls of many milliseconds, such as a training step), or more where they would span less
+    than MIN_SAMPLE_MS (the number is fixed per ``fn`` from one sample after the warm-up). Timing a
+    single call right after another case left the queue empty counted that call's own host
+    latency on top of its kernel, so a case's time depended on which case ran before it.
     """
     for _ in range(warmup):
         for fn in fns:
             fn()
     if device.type == "cuda":
+        counts = []
+        for fn in fns:
+            start, end = _timed_calls_ms(fn, device, calls)
+            torch.cuda.synchronize(device)
+            counts.append(calls_per_sample(start.elapsed_time(end) / calls, calls))
         events = [[] for _ in fns]
         for _ in range(repeats):
             for i, fn in enumerate(fns):
-                torch.cuda.synchronize(device)
-                fn()  # untimed: keeps the GPU busy while the timed calls are queued
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(calls):
-                    fn()
-                end.record()
-                events[i].append((start, end))
+                events[i].append(_timed_calls_ms(fn, device, counts[i]))
         torch.cuda.synchronize(device)
-        return [statistics.median(s.elapsed_time(e) / calls for s, e in pairs) for pairs in events]
+        return [statistics.median(s.elapsed_time(e) / n for s, e in pairs) for pairs, n in zip(events, counts)]
     times = [[] for _ in fns]
     for _ in range(repeats):
         for i, fn in enumerate(fns):
