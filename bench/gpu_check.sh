@@ -4,9 +4,9 @@
 # native CUDA kernels and real Triton compilation here), benchmark every backend on GPT-2 124M
 # shapes against the stock paths and the measured copy bandwidth, time the host side of step(),
 # and write everything under $OUT
-# (8 files, the most the device tool returns). Stage timeouts add up to 7.3 minutes, plus the build
-# (33 s for one arch on an H200; give the call timeout_s=570);
-# the stages ran in 4.6 minutes on an H200 (2026-11-28, before the kernel sweep was added).
+# (8 files, the most the device tool returns). Stage timeouts add up to 7.5 minutes, plus the build
+# (33 s for one arch on an H200); the whole script ran in 4.4 minutes on an H200 (2026-11-28, run 4),
+# so timeout_s=330 leaves a lease of 15 minutes room for a second call.
 #   OUT=/some/dir bash bench/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -40,11 +40,25 @@ def table_for(path: str) -> str:
 
 
 def render() -> str:
+    """The newest run of each device in full; earlier runs of that device by file name only."""
     paths = sorted(glob.glob(os.path.join(ROOT, "bench", "results", "*.json")))
     paths = [p for p in paths if _is_bench(p)]
     if not paths:
         return "No benchmark run recorded yet."
-    return "\n\n".join(table_for(p) for p in paths)
+    by_device: dict[str, list[tuple[str, str]]] = {}
+    for path in paths:
+        with open(path) as f:
+            header = json.load(f)[0]
+        by_device.setdefault(header["device_name"], []).append((header["date"], path))
+    blocks = []
+    for runs in by_device.values():
+        runs.sort()
+        block = table_for(runs[-1][1])
+        if len(runs) > 1:
+            earlier = ", ".join(f"`{os.path.relpath(path, ROOT)}`" for _, path in runs[:-1])
+            block += f"\n\nEarlier runs on this device: {earlier}."
+        blocks.append(block)
+    return "\n\n".join(blocks)
 
 
 def _is_bench(path: str) -> bool:

@@ -52,8 +52,8 @@ def _check_count(op, ring_at: int):
     """The ring ops' count checked in Python before the C++ op runs.
 
     On the H200 machine (torch 2.11, extension built there) a failed TORCH_CHECK inside fastavg._C
-    crashed the process (segfault) instead of raising; with torch 2.13 here it raises. Cause not
-    found yet; checking here gives the same ValueError on every torch.
+    once crashed the process (segfault, run 2) instead of raising; it raised in runs 3 and 4, and
+    with torch 2.13 here. Cause not found; checking here gives the same ValueError on every torch.
     """
 
     def call(*args):
