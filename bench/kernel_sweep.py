@@ -15,7 +15,7 @@ import itertools
 import torch
 
 import fastavg
-from fastavg.bench.cases import minimal_bytes_per_element
+from fastavg.bench.cases import fastavg_case, minimal_bytes_per_element
 from fastavg.bench.shapes import gpt2_shapes
 from fastavg.bench.timing import copy_bandwidth_gbps, median_ms
 from fastavg.table import build_table
@@ -60,6 +60,12 @@ def main(argv=None) -> None:
                 )
         if available["native"] is None:
             runs[(name, "native")] = lambda a=call_args: torch.ops.fastavg_native.update_(*a)
+    # The same update through opt.step() as fastavg-bench times it (the Averager's own buffers, the
+    # ring slot cycling over 5): Triton's EMA+SWA+LAWA ran at 84% there and 90% here (H200 runs
+    # 3-5), native at 91% in both; these rows tell the kernel from what surrounds it.
+    for backend in ("triton", "native"):
+        if available[backend] is None:
+            runs[("all", f"opt.step() {backend}")] = fastavg_case("all", params, backend).step
     for (name, kernel), fn in runs.items():
         ms = median_ms(fn, device, args.repeats, 1 if args.quick else 3, calls=1 if args.quick else 20)
         gbps = n * minimal_bytes_per_element(name, 2, 4) / (ms * 1e-3) / 1e9
