@@ -87,7 +87,7 @@ try:
     with open(f"{out}/step_overhead.txt") as f:
         summary["step_overhead_us"] = [line.rstrip() for line in f if line.rstrip().endswith(" us")]
     with open(f"{out}/step_overhead.txt") as f:
-        summary["kernel_sweep"] = [line.rstrip() for line in f if line.rstrip().endswith("%") or "copy" in line]
+        summary["kernel_sweep"] = [line.rstrip() for line in f if line.rstrip().endswith(("%", "GB/s", "% copy"))]
 except OSError:
     summary["step_overhead_us"] = None
 try:
