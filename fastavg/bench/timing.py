@@ -27,8 +27,9 @@ def median_ms(
     return interleaved_median_ms([fn], device, repeats, warmup, calls)[0]
 
 
-def _timed_calls_ms(fn: Callable[[], object], device: torch.device, calls: int) -> tuple:
-    """Queue one untimed ``fn()`` after a synchronise, then ``calls`` calls between two events."""
+def _timed_calls(fn: Callable[[], object], device: torch.device, calls: int) -> tuple:
+    """Queue one untimed ``fn()`` after a synchronise, then ``calls`` calls between the two events
+    returned (start, end)."""
     torch.cuda.synchronize(device)
     fn()  # untimed: keeps the GPU busy while the timed calls are queued
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -69,13 +70,13 @@ def interleaved_median_ms(
     if device.type == "cuda":
         counts = []
         for fn in fns:
-            start, end = _timed_calls_ms(fn, device, calls)
+            start, end = _timed_calls(fn, device, calls)
             torch.cuda.synchronize(device)
             counts.append(calls_per_sample(start.elapsed_time(end) / calls, calls))
         events = [[] for _ in fns]
         for _ in range(repeats):
             for i, fn in enumerate(fns):
-                events[i].append(_timed_calls_ms(fn, device, counts[i]))
+                events[i].append(_timed_calls(fn, device, counts[i]))
         torch.cuda.synchronize(device)
         return [statistics.median(s.elapsed_time(e) / n for s, e in pairs) for pairs, n in zip(events, counts)]
     times = [[] for _ in fns]
