@@ -145,7 +145,17 @@ void ring_mean_cuda(const at::Tensor& out, const at::Tensor& ring, int64_t count
                "ring_mean_");
 }
 
+int64_t set_block_threads(int64_t threads) {
+  const int previous = threads == static_cast<int>(threads) ? cuda::set_block_threads(static_cast<int>(threads)) : -1;
+  TORCH_CHECK_VALUE(previous > 0, "set_block_threads: threads must be a multiple of 32 from 32 to 256, got ", threads);
+  return previous;
+}
+
 }  // namespace
+
+// A tuning hook for bench/kernel_sweep.py, not part of the ops (fastavg/ops.py's SCHEMAS): the
+// threads per block of later update and swap launches; returns the previous number.
+TORCH_LIBRARY(fastavg_native_tuning, m) { m.def("set_block_threads(int threads) -> int", &set_block_threads); }
 
 TORCH_LIBRARY_IMPL(fastavg_native, CUDA, m) {
   m.impl("update_", &update_cuda);

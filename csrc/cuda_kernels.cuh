@@ -19,6 +19,8 @@
 namespace fastavg {
 namespace cuda {
 
+// Threads per block: the most any launch uses (launch bounds: registers are allocated for it) and
+// the default; bench/kernel_sweep.py also times fewer (set_block_threads).
 constexpr int kThreads = 256;
 
 // Conversions as torch rounds them: 16-bit types through float, to nearest even.

@@ -2,6 +2,8 @@
 // headers, so every source compiles with nvcc anywhere; cuda_binding.cpp binds them to torch.
 #include <cuda_runtime.h>
 
+#include <atomic>
+
 #include "cuda_kernels.cuh"
 #include "ops_cuda.h"
 
@@ -15,15 +17,21 @@ namespace {
 // wave when update_kernel<bf16, float> took 40 registers (6 blocks per SM; H200: EMA at 76% of copy
 // while the 32-register fp32 kernel reached 100%).
 template <typename Kernel>
-unsigned blocks_for(Kernel kernel, int64_t work, int device) {
+unsigned blocks_for(Kernel kernel, int64_t work, int device, int threads) {
   int sms = 0, per_sm = 0;
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0) != cudaSuccess) {
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0) != cudaSuccess) {
     cudaGetLastError();  // clear it, so the launch check reports only the launch
     per_sm = 1;
   }
   return static_cast<unsigned>(balanced_blocks(work, int64_t(sms > 0 ? sms : 1) * (per_sm > 0 ? per_sm : 1)));
 }
+
+// Threads per block of update and swap launches (set_block_threads). Triton's kernels, 128 threads
+// a program, ran 2 to 3 points of copy above these at the same work per thread (H200, runs 4 and 5:
+// LAWA 91% against 89%, EMA 93% against 91%); bench/kernel_sweep.py times both block sizes before
+// the default changes.
+std::atomic<int> block_threads{kThreads};
 
 constexpr const char* kUnsupportedPair =
     "unsupported (parameter, average) dtype pair: averages must be the parameters' dtype, or float32 / float64 wider "
@@ -41,7 +49,8 @@ const char* update(UpdateArgs args, Dtype param, Dtype average, int device, void
   finish_update_args(args);
   const bool supported = dispatch_pair(param, average, [&](auto p_tag, auto a_tag) {
     with_update_kernel<decltype(p_tag), decltype(a_tag)>(args, [&](auto kernel) {
-      kernel<<<blocks_for(kernel, args.rows, device), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(args);
+      const int threads = block_threads.load();
+      kernel<<<blocks_for(kernel, args.rows, device, threads), threads, 0, static_cast<cudaStream_t>(stream)>>>(args);
     });
   });
   return supported ? last_error() : kUnsupportedPair;
@@ -56,7 +65,9 @@ const char* swap(const int64_t* table, int64_t rows, void* backup, const void* s
     using A = decltype(a_tag);
     P* b = static_cast<P*>(backup);
     auto launch = [&](auto kernel) {
-      kernel<<<blocks_for(kernel, rows, device), kThreads, 0, s>>>(table, rows, b, source, stride, count, vectors_ok);
+      const int threads = block_threads.load();
+      kernel<<<blocks_for(kernel, rows, device, threads), threads, 0, s>>>(table, rows, b, source, stride, count,
+                                                                          vectors_ok);
     };
     if (mode == 0) launch(swap_kernel<P, A, 0>);
     if (mode == 1) launch(swap_kernel<P, A, 1>);
@@ -72,11 +83,16 @@ const char* ring_mean(void* out, const void* ring, int64_t n, int64_t stride, in
   const bool supported = dispatch_pair(ring_dtype, out_dtype, [&](auto r_tag, auto o_tag) {
     using R = decltype(r_tag);
     using O = decltype(o_tag);
-    const unsigned blocks = blocks_for(ring_mean_kernel<O, R>, (n + kThreads - 1) / kThreads, device);
+    const unsigned blocks = blocks_for(ring_mean_kernel<O, R>, (n + kThreads - 1) / kThreads, device, kThreads);
     ring_mean_kernel<O, R><<<blocks, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
         static_cast<O*>(out), static_cast<const R*>(ring), n, stride, count);
   });
   return supported ? last_error() : kUnsupportedPair;
+}
+
+int set_block_threads(int threads) {
+  if (threads < 32 || threads > kThreads || threads % 32 != 0) return -1;
+  return block_threads.exchange(threads);
 }
 
 }  // namespace cuda

@@ -29,6 +29,10 @@ const char* swap(const int64_t* table, int64_t rows, void* backup, const void* s
                  Dtype param, Dtype average, int mode, bool vectors_ok, int device, void* stream);
 const char* ring_mean(void* out, const void* ring, int64_t n, int64_t stride, int64_t count, Dtype out_dtype,
                       Dtype ring_dtype, int device, void* stream);
+// Threads per block of update and swap launches from now on, for tuning (bench/kernel_sweep.py):
+// a multiple of 32 up to kThreads (256, the default). Returns the previous value, or -1 (unchanged)
+// for any other number.
+int set_block_threads(int threads);
 
 }  // namespace cuda
 }  // namespace fastavg

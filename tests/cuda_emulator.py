@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "tests" / "cuda_host" / "emulate.cpp"
 CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}  # csrc/ops_cuda.h's Dtype
 MAX_AVERAGES, MAX_RINGS = 4, 2  # csrc/ops_cuda.h
-THREADS = 256  # csrc/cuda_kernels.cuh's kThreads
+THREADS = 256  # csrc/cuda_kernels.cuh's kThreads: the default, and ring_mean_'s always
 
 
 def cuda_include() -> Path | None:
@@ -67,8 +67,9 @@ def _aligned(address: int) -> bool:
     return address % 16 == 0
 
 
-def backend(lib: ctypes.CDLL, most_blocks: int) -> Backend:
-    """The emulated kernels as a backend; ``most_blocks`` stands for the blocks a GPU holds at once."""
+def backend(lib: ctypes.CDLL, most_blocks: int, threads: int = THREADS) -> Backend:
+    """The emulated kernels as a backend; ``most_blocks`` stands for the blocks a GPU holds at once,
+    ``threads`` for the threads per block of update and swap launches (set_block_threads)."""
 
     def blocks(items: int) -> ctypes.c_uint:
         return ctypes.c_uint(lib.emulate_balanced_blocks(items, most_blocks))
@@ -83,7 +84,7 @@ def backend(lib: ctypes.CDLL, most_blocks: int) -> Backend:
             launched = lib.emulate_update(
                 ctypes.c_void_p(table.data_ptr()), ctypes.c_int64(table.shape[0]), _pointers(avg),
                 (ctypes.c_double * MAX_AVERAGES)(*wts), len(avg), _pointers(rng), len(rng), int(vectors_ok),
-                CODES[params[0].dtype], average_code, blocks(table.shape[0]),
+                CODES[params[0].dtype], average_code, blocks(table.shape[0]), threads,
             )  # fmt: skip
             _launched(launched)
 
@@ -94,7 +95,7 @@ def backend(lib: ctypes.CDLL, most_blocks: int) -> Backend:
             ctypes.c_void_p(table.data_ptr()), ctypes.c_int64(table.shape[0]), ctypes.c_void_p(backup.data_ptr()),
             ctypes.c_void_p(source.data_ptr()), ctypes.c_int64(stride), ctypes.c_int64(count),
             CODES[params[0].dtype], CODES[average_dtype], mode, int(_aligned(backup.data_ptr()) and source_aligned),
-            blocks(table.shape[0]),
+            blocks(table.shape[0]), threads,
         )  # fmt: skip
         _launched(launched)
 

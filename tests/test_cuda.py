@@ -66,12 +66,32 @@ def test_no_host_sync_in_the_update_path(cuda_backend):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gpt2_sized_update_matches_torch_backend(dtype, cuda_backend):
+    _gpt2_sized_update_matches_torch_backend(dtype, cuda_backend)
+
+
+def test_native_kernels_at_the_sweeps_block_size():
+    """bench/kernel_sweep.py times the native kernels at 128 threads per block too (a tuning hook,
+    not an op): they must give the same results there, and the hook refuses other sizes."""
+    if "native" not in CUDA_BACKENDS:
+        pytest.skip(fastavg.available_backends("cuda")["native"])
+    tuning = torch.ops.fastavg_native_tuning
+    with pytest.raises(ValueError, match="multiple of 32"):
+        tuning.set_block_threads(100)
+    previous = tuning.set_block_threads(128)
+    try:
+        assert previous == 256  # the default, unchanged by the refused call
+        _gpt2_sized_update_matches_torch_backend(torch.bfloat16, "native")
+    finally:
+        tuning.set_block_threads(previous)
+
+
+def _gpt2_sized_update_matches_torch_backend(dtype, backend):
     # Large tensors exercise the persistent grid (rows > programs) and 16-byte vector paths.
     shapes = [(50257, 768), (1024, 768), (768,), (768, 2304), (2304,), (7,)]
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, device="cuda").to(dtype)) for s in shapes]
     twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    mine = fastavg.Averager(params, SPECS, backend=cuda_backend)
+    mine = fastavg.Averager(params, SPECS, backend=backend)
     ref = fastavg.Averager(twins, SPECS, backend="torch")
     for _ in range(7):
         with torch.no_grad():

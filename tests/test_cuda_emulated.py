@@ -31,10 +31,12 @@ def emulator(tmp_path_factory):
         pytest.skip(str(err))
 
 
-@pytest.fixture(params=[1, 3], ids=["1-block", "3-blocks"])
+@pytest.fixture(params=[(1, 256), (3, 128)], ids=["1-block-256-threads", "3-blocks-128-threads"])
 def target(request, emulator):
-    """The emulated kernels with a GPU that holds 1 or 3 blocks at once: blocks walk many rows."""
-    return emulated_backend(emulator, most_blocks=request.param), "cpu"
+    """The emulated kernels with a GPU that holds 1 or 3 blocks at once (blocks walk many rows), at
+    the default 256 threads per block and at 128 (the sweep's set_block_threads)."""
+    most_blocks, threads = request.param
+    return emulated_backend(emulator, most_blocks=most_blocks, threads=threads), "cpu"
 
 
 @pytest.mark.parametrize("items, most", [(1995, 1056), (1995, 792), (1, 3), (0, 3), (7, 1), (1057, 1056)])
