@@ -1,9 +1,10 @@
-"""The update kernels alone on a GPU, GPT-2 124M shapes, bf16 weights and fp32 averages: Triton at
-several block sizes and warp counts, and the native kernel, against the measured copy bandwidth.
+"""The update and swap kernels alone on a GPU, GPT-2 124M shapes, bf16 weights and fp32 averages:
+Triton at several block sizes and warp counts, and the native kernels at several threads per block,
+against the measured copy bandwidth.
 
 No Python of step() is timed here (fastavg-bench does that): each row is back-to-back launches of
 one kernel, so the table says how close each variant comes to the bandwidth floor, and which block
-size the Triton launcher should use. Usage: python bench/kernel_sweep.py (on a GPU; `--device cpu
+size each launcher should use. Usage: python bench/kernel_sweep.py (on a GPU; `--device cpu
 --quick` is a smoke test of the script itself, with Triton in its interpreter)
 """
 
@@ -20,14 +21,64 @@ from fastavg.bench.shapes import gpt2_shapes
 from fastavg.bench.timing import copy_bandwidth_gbps, median_ms
 from fastavg.table import build_table
 
-# (averages, rings) due: EMA alone, LAWA alone, EMA + SWA + LAWA.
-UPDATES = {"ema": (1, 0), "lawa": (0, 1), "all": (2, 1)}
+# (averages, rings) due: EMA alone, LAWA alone, EMA + SWA + LAWA; and swap (averaged() in and out).
+UPDATES = {"ema": (1, 0), "lawa": (0, 1), "all": (2, 1), "swap": None}
+
+
+def native_block_threads():
+    """The native CUDA build's tuning hook (threads per block of later launches), or None."""
+    tuning = torch.ops.fastavg_native_tuning
+    return tuning.set_block_threads if hasattr(tuning, "set_block_threads") else None
+
+
+def swap_round_trip(ops, buffers):
+    """``averaged()`` in and out through ``ops`` (Triton's swap module or the native ops): two launches."""
+    params, table, averages, _, backup = buffers
+    return lambda: (ops.swap_in_(params, table, backup, averages[0]), ops.restore_(params, table, backup))
+
+
+def triton_runs(name, buffers, blocks, warps) -> dict:
+    """Triton's kernel for ``name`` at every block size and warp count (swap: its one block size)."""
+    from fastavg.kernels import swap, update
+
+    params, table, averages, ring, _ = buffers
+    if name == "swap":
+        return {"triton": swap_round_trip(swap, buffers)}
+    n_avg, n_ring = UPDATES[name]
+    call_args = (params, table, averages[:n_avg], [0.001, 0.01][:n_avg], [ring] * n_ring, [1] * n_ring)
+    return {
+        f"triton B={b} w={w}": lambda b=b, w=w: update.update_(*call_args, block=b, num_warps=w)
+        for b, w in itertools.product(blocks, warps)
+    }
+
+
+def native_run(name, buffers):
+    """The native op(s) for ``name``."""
+    params, table, averages, ring, _ = buffers
+    ops = torch.ops.fastavg_native
+    if name == "swap":
+        return swap_round_trip(ops, buffers)
+    n_avg, n_ring = UPDATES[name]
+    return lambda: ops.update_(params, table, averages[:n_avg], [0.001, 0.01][:n_avg], [ring] * n_ring, [1] * n_ring)
+
+
+def step_buffers_run(params):
+    """Triton's EMA+SWA+LAWA kernel on the buffers of an optimizer built as fastavg-bench builds it
+    (the ring slot fixed): with the opt.step() row, it tells the kernel's buffers from step()."""
+    from fastavg.kernels import update
+
+    averager = fastavg_case("all", params, "triton").optimizer.averager
+    group = averager._groups[0]  # one (device, dtype) group: the bench's parameters
+    lerped = [a.buffers[0] for a in averager._averages.values() if not a.is_ring]
+    rings = [a.buffers[0] for a in averager._averages.values() if a.is_ring]
+    return lambda: update.update_(group.flat_params, group.table, lerped, [0.001, 0.01], rings, [1])
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--blocks", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
+    parser.add_argument("--threads", type=int, nargs="+", default=[256, 128], help="native CUDA threads per block")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test")
@@ -39,37 +90,42 @@ def main(argv=None) -> None:
     shapes = gpt2_shapes(layers=1, dim=64, vocab=100, context=16) if args.quick else gpt2_shapes()
     params = [torch.randn(s, device=device).bfloat16().view(-1) for s in shapes]
     n = sum(p.numel() for p in params)
-    table = build_table(params)
     averages = [torch.randn(n, device=device) for _ in range(2)]
     ring = torch.zeros(3, -(-n // 8) * 8, dtype=torch.bfloat16, device=device)[:, :n]
+    buffers = (params, build_table(params), averages, ring, torch.empty(n, dtype=torch.bfloat16, device=device))
     copy_gbps = copy_bandwidth_gbps(device, 1 << 20 if args.quick else 1 << 30, args.repeats, 3)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"{device_name}: GPT-2 {n:,} bf16 weights, {table.shape[0]} rows; copy {copy_gbps:.0f} GB/s")
-    print(f"{'update':6} {'kernel':24} {'ms':>8} {'GB/s':>8} {'% copy':>7}")
+    print(f"{device_name}: GPT-2 {n:,} bf16 weights, {buffers[1].shape[0]} rows; copy {copy_gbps:.0f} GB/s")
+    print(f"{'update':6} {'kernel':28} {'ms':>8} {'GB/s':>8} {'% copy':>7}")
 
     available = fastavg.available_backends(device.type)
-    runs = {}
-    for name, (n_avg, n_ring) in UPDATES.items():
-        call_args = (params, table, averages[:n_avg], [0.001, 0.01][:n_avg], [ring] * n_ring, [1] * n_ring)
+    set_threads = native_block_threads() if device.type == "cuda" else None
+    runs = {}  # (update, kernel) -> (fn, native threads per block or None)
+    for name in UPDATES:
         if available["triton"] is None:
-            from fastavg.kernels import update
-
-            for block, warps in itertools.product(args.blocks, args.warps):
-                runs[(name, f"triton B={block} w={warps}")] = lambda a=call_args, b=block, w=warps: update.update_(
-                    *a, block=b, num_warps=w
-                )
+            triton = triton_runs(name, buffers, args.blocks, args.warps)
+            runs.update({(name, kernel): (fn, None) for kernel, fn in triton.items()})
         if available["native"] is None:
-            runs[(name, "native")] = lambda a=call_args: torch.ops.fastavg_native.update_(*a)
+            fn = native_run(name, buffers)
+            for threads in args.threads if set_threads else [None]:
+                runs[(name, "native" if threads is None else f"native T={threads}")] = (fn, threads)
     # The same update through opt.step() as fastavg-bench times it (the Averager's own buffers, the
     # ring slot cycling over 5): Triton's EMA+SWA+LAWA ran at 84% there and 90% here (H200 runs
     # 3-5), native at 91% in both; these rows tell the kernel from what surrounds it.
     for backend in ("triton", "native"):
         if available[backend] is None:
-            runs[("all", f"opt.step() {backend}")] = fastavg_case("all", params, backend).step
-    for (name, kernel), fn in runs.items():
-        ms = median_ms(fn, device, args.repeats, 1 if args.quick else 3, calls=1 if args.quick else 20)
+            runs[("all", f"opt.step() {backend}")] = (fastavg_case("all", params, backend).step, None)
+    if available["triton"] is None:
+        runs[("all", "triton on step()'s buffers")] = (step_buffers_run(params), None)
+    for (name, kernel), (fn, threads) in runs.items():
+        previous = set_threads(threads) if threads else None
+        try:
+            ms = median_ms(fn, device, args.repeats, 1 if args.quick else 3, calls=1 if args.quick else 20)
+        finally:
+            if previous:
+                set_threads(previous)
         gbps = n * minimal_bytes_per_element(name, 2, 4) / (ms * 1e-3) / 1e9
-        print(f"{name:6} {kernel:24} {ms:8.3f} {gbps:8.0f} {100 * gbps / copy_gbps:6.0f}%")
+        print(f"{name:6} {kernel:28} {ms:8.3f} {gbps:8.0f} {100 * gbps / copy_gbps:6.0f}%")
 
 
 if __name__ == "__main__":
