@@ -17,7 +17,7 @@ def _mean_block(out, ring, index, mask, stride, count, MASKED: tl.constexpr):
     store(out + index, cast(total / count, out.dtype.element_ty), mask, MASKED)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["count"])  # one kernel for every count: see swap.py
 def ring_mean_kernel(out, ring, n, stride, count, BLOCK: tl.constexpr):
     stride = tl.cast(stride, tl.int64)
     full_blocks = n // BLOCK

@@ -41,7 +41,9 @@ def _swap_block(p_ptr, flat, mask, backup, source, stride, count,
         store(p_ptr, cast(value, p_ptr.dtype.element_ty), mask, MASKED)
 
 
-@triton.jit
+# `count` (snapshots in the ring mean) is not specialised on: a first averaged() of one snapshot
+# would otherwise compile a variant whose registers size every later launch's grid (see update.py).
+@triton.jit(do_not_specialize=["n_rows", "count"])
 def swap_kernel(table, n_rows, backup, source, stride, count,
                 P_DTYPE: tl.constexpr, AVG_DTYPE: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr,
                 VEC: tl.constexpr):  # fmt: skip

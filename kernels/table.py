@@ -57,13 +57,25 @@ def programs_per_sm(n_regs: int, shared_bytes: int, num_warps: int, props) -> in
     return max(1, min(limits))
 
 
-# (kernel, device index, constexprs) -> programs resident at once on the whole device.
+# resident_key(...) -> programs resident at once on the whole device.
 _RESIDENT: dict = {}
 FALLBACK_PROGRAMS_PER_SM = 8  # where the compiled kernel cannot be inspected
 
 
+def resident_key(kernel, index: int, args, meta) -> tuple:
+    """What decides which compiled kernel a launch runs, so its registers size the grid: the
+    constexprs, and the tensors' dtypes (Triton compiles per pointer type, and ring_mean_kernel's
+    constexprs name no dtype: a bf16 ring and an fp32 one share them). The int arguments that vary
+    between calls (copy flags, ring counts) are not specialised on (the kernels'
+    do_not_specialize), and pointer alignment does not vary for the Averager's buffers (allocated
+    16-byte aligned). A difference the key missed would cost speed only: the kernels' grid-stride
+    loops are correct for any grid."""
+    dtypes = tuple(a.dtype for a in args if isinstance(a, torch.Tensor))
+    return (kernel, index, tuple(meta.items()), dtypes)  # tl.dtype hashes; each call site passes one order
+
+
 def _resident_programs(kernel, index: int, args, meta) -> int:
-    key = (kernel, index, tuple(meta.items()))  # tl.dtype hashes; each call site passes one order
+    key = resident_key(kernel, index, args, meta)
     if key not in _RESIDENT:
         props = torch.cuda.get_device_properties(index)
         try:

@@ -49,7 +49,13 @@ def _block(p_ptr, flat, mask, a0, a1, a2, a3, w0, w1, w2, w3, c0, c1, c2, c3, r0
         _lerp_into(a3, flat, mask, p, w3, c3, MATH, MASKED)
 
 
-@triton.jit
+# The copy flags and the row count are not specialised on (Triton compiles a variant for an int
+# argument equal to 1): otherwise the first update, a copy (flags 1), compiles a kernel of its own,
+# and its registers size the grid of every later step (table.launch). Triton 3.6, sm_90, EMA+SWA+LAWA
+# bf16 -> fp32: 32 registers copying, 48 after, so 1,946 programs for 1,320 slots, 1.5 waves. That
+# fits H200 runs 3-5: 84% of copy in the benchmark, whose first step copies, 90% in the kernel
+# sweep, which never copies.
+@triton.jit(do_not_specialize=["n_rows", "c0", "c1", "c2", "c3"])
 def update_kernel(table, n_rows, a0, a1, a2, a3, h0, l0, c0, h1, l1, c1, h2, l2, c2, h3, l3, c3, r0, r1,
                   P_DTYPE: tl.constexpr, MATH: tl.constexpr, N_AVG: tl.constexpr, N_RING: tl.constexpr,
                   BLOCK: tl.constexpr, VEC: tl.constexpr):  # fmt: skip
@@ -83,12 +89,10 @@ def update_kernel(table, n_rows, a0, a1, a2, a3, h0, l0, c0, h1, l1, c1, h2, l2,
 MANY_AVERAGES_BLOCK = BLOCK // 2
 
 
-def update_(params, table, averages, weights, rings, slots, *, block=None, num_warps=NUM_WARPS) -> None:
-    """Launch ``update_kernel`` over the group: at most 4 averages and 2 rings per launch.
-    ``block`` and ``num_warps`` are for tuning (bench/kernel_sweep.py); the op uses the defaults."""
+def launches(params, table, averages, weights, rings, slots, *, block=None, num_warps=NUM_WARPS):
+    """``update_kernel``'s (arguments, constexprs) for each launch of ``update_``: at most 4
+    averages and 2 rings per launch."""
     n_rows = table.shape[0]
-    if n_rows == 0 or not (averages or rings):
-        return
     p_dtype = TL_DTYPES[params[0].dtype]
     math = math_dtype(TL_DTYPES[averages[0].dtype]) if averages else tl.float32
     for avg, wts, rng in update_launches(averages, weights, rings, slots, MAX_AVERAGES, MAX_RINGS):
@@ -96,9 +100,19 @@ def update_(params, table, averages, weights, rings, slots, *, block=None, num_w
         pointers = [*avg, *[filler] * (MAX_AVERAGES - len(avg))]
         coefficients = [c for w in [*wts, *[0.0] * (MAX_AVERAGES - len(wts))] for c in split_weight(w)]
         ring_pointers = [*rng, *[filler] * (MAX_RINGS - len(rng))]
-        launch(
-            update_kernel, n_rows, table.device, table, n_rows, *pointers, *coefficients, *ring_pointers,
+        constexprs = dict(
             P_DTYPE=p_dtype, MATH=math, N_AVG=len(avg), N_RING=len(rng),
             BLOCK=block or (MANY_AVERAGES_BLOCK if len(avg) >= 2 else BLOCK),
             VEC=vector_width(params[0].dtype, *[a.dtype for a in avg[:1]]), num_warps=num_warps,
         )  # fmt: skip
+        yield (table, n_rows, *pointers, *coefficients, *ring_pointers), constexprs
+
+
+def update_(params, table, averages, weights, rings, slots, *, block=None, num_warps=NUM_WARPS) -> None:
+    """Launch ``update_kernel`` over the group: at most 4 averages and 2 rings per launch.
+    ``block`` and ``num_warps`` are for tuning (bench/kernel_sweep.py); the op uses the defaults."""
+    n_rows = table.shape[0]
+    if n_rows == 0 or not (averages or rings):
+        return
+    for args, constexprs in launches(params, table, averages, weights, rings, slots, block=block, num_warps=num_warps):
+        launch(update_kernel, n_rows, table.device, *args, **constexprs)

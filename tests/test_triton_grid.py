@@ -9,6 +9,7 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
 from fastavg.kernels import interpreter_fix, ring_mean, swap, table, update  # noqa: E402
 from test_ops import TOL, _bind, _params, _randn  # noqa: E402
 
@@ -116,6 +117,57 @@ def test_grid_comes_from_the_compiled_kernel():
         averager.step()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     assert table._RESIDENT and all(most % sms == 0 and most >= sms for most in table._RESIDENT.values())
+
+
+def _update_launch(weights, average_dtype=torch.float32, device="cpu"):
+    """update_kernel's (arguments, constexprs) for EMA+SWA+LAWA over bf16 weights."""
+    params = [torch.randn(4099, device=device).bfloat16()]
+    averages = [torch.zeros(4099, dtype=average_dtype, device=device) for _ in weights]
+    ring = torch.zeros(2, 4104, dtype=torch.bfloat16, device=device)[:, :4099]
+    ((args, constexprs),) = update.launches(params, table.build_table(params), averages, weights, [ring], [0])
+    return args, constexprs
+
+
+def test_grid_key_names_the_kernel_a_launch_runs():
+    """The first update copies (weights 1): the same kernel as later steps, so one grid serves
+    both; rings of another dtype compile another kernel, so they get a grid of their own."""
+    copy_args, meta = _update_launch([1.0, 1.0])
+    steady_args, steady_meta = _update_launch([0.001, 0.01])
+    copy_flags = slice(8, 20, 3)  # after table, n_rows, 4 averages: (hi, lo, copy) per average
+    assert meta == steady_meta and copy_args[copy_flags] == (1, 1, 0, 0) and steady_args[copy_flags] == (0, 0, 0, 0)
+    key = table.resident_key(update.update_kernel, 0, steady_args, meta)
+    assert table.resident_key(update.update_kernel, 0, copy_args, meta) == key
+    mean_meta = dict(BLOCK=table.BLOCK, num_warps=table.NUM_WARPS)  # as ring_mean_ launches
+    keys = [
+        table.resident_key(
+            ring_mean.ring_mean_kernel, 0, (torch.zeros(9), torch.zeros(2, 9, dtype=dtype), 9, 9, 2), mean_meta
+        )
+        for dtype in (torch.bfloat16, torch.float32)
+    ]
+    assert keys[0] != keys[1]
+
+
+@pytest.mark.cuda
+def test_first_update_compiles_the_kernel_later_steps_run():
+    """Triton compiles a variant per int argument equal to 1; the copy flags of a first update and
+    the ring count of a first averaged() must not get one, or its registers size later grids (32
+    against 48 for EMA+SWA+LAWA on sm_90: 1.5 waves every step after the first)."""
+    if table.INTERPRET:
+        pytest.skip("compiles for the GPU")
+    copy_args, meta = _update_launch([1.0, 1.0], device="cuda")
+    steady_args, _ = _update_launch([0.001, 0.01], device="cuda")
+    first = update.update_kernel.warmup(*copy_args, grid=(1,), **meta)
+    later = update.update_kernel.warmup(*steady_args, grid=(1,), **meta)
+    assert first.hash == later.hash
+    params = [torch.randn(4099, device="cuda").bfloat16()]
+    rows, backup = table.build_table(params), torch.empty(4099, dtype=torch.bfloat16, device="cuda")
+    ring = torch.zeros(3, 4104, dtype=torch.bfloat16, device="cuda")[:, :4099]
+    kernels = []
+    for count in (1, 3):
+        args = (rows, rows.shape[0], backup, ring, ring.stride(0), count)
+        constexprs = dict(P_DTYPE=tl.bfloat16, AVG_DTYPE=tl.float32, MODE=swap.FROM_RING, BLOCK=table.BLOCK, VEC=8)
+        kernels.append(swap.swap_kernel.warmup(*args, grid=(1,), **constexprs, num_warps=table.NUM_WARPS))
+    assert kernels[0].hash == kernels[1].hash
 
 
 def test_programs_walk_many_rows(monkeypatch):

@@ -8,6 +8,7 @@ import sys
 from collections import Counter
 
 import pytest
+import torch
 
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
@@ -15,6 +16,8 @@ from fastavg.kernels import ring_mean, swap, update  # noqa: E402
 from fastavg.kernels.table import INTERPRET  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
+
+from fastavg.table import build_table  # noqa: E402
 
 # Under TRITON_INTERPRET=1 (set by conftest without a GPU) the kernels are interpreter objects that
 # cannot be compiled: then one test reruns this file in a process that compiles.
@@ -118,3 +121,44 @@ def test_ring_mean_kernel_vectorises(arch):
     sig = {"out": "*fp32", "ring": "*bf16", "n": "i64", "stride": "i64", "count": "i32"}
     counts = _ptx(ring_mean.ring_mean_kernel, sig, {"BLOCK": BLOCK}, arch)
     assert _vector(counts, "ld") >= 2 and _vector(counts, "st") >= 1, counts
+
+
+def _specialisation(kernel, arch: int, args, constexprs) -> list:
+    """How Triton's JIT specialises a launch of ``kernel`` with these arguments on ``arch``, with
+    no GPU: per argument, its type and what the compiled variant assumes (a constant 1, a multiple
+    of 16, nothing)."""
+    try:
+        from triton.compiler import make_backend
+        from triton.runtime.jit import create_function_from_signature
+
+        backend = make_backend(GPUTarget("cuda", arch, 32))
+        binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+        return list(binder(*args, **constexprs)[1])
+    except (ImportError, AttributeError, TypeError) as err:  # internals of Triton 3.6 to 3.9
+        pytest.skip(f"this Triton binds launches differently: {err!r}")
+
+
+@compiling
+@pytest.mark.parametrize("arch", ARCHS)
+def test_first_calls_compile_the_kernels_later_calls_run(arch):
+    """A first update copies (flags 1) and a first ring mean has one snapshot (count 1). Triton
+    compiles a variant for an int argument equal to 1, and the first launch's registers size the
+    grid of every later one (table.launch): so these arguments must not be specialised on."""
+    from test_triton_grid import _update_launch
+
+    copy_args, meta = _update_launch([1.0, 1.0])
+    steady_args, _ = _update_launch([0.001, 0.01])
+    assert _specialisation(update.update_kernel, arch, copy_args, meta) == _specialisation(
+        update.update_kernel, arch, steady_args, meta
+    )
+    params = [torch.randn(4099).bfloat16()]
+    rows, backup = build_table(params), torch.empty(4099, dtype=torch.bfloat16)
+    ring, out = torch.zeros(3, 4104, dtype=torch.bfloat16)[:, :4099], torch.empty(4099)
+    consts = {"P_DTYPE": tl.bfloat16, "AVG_DTYPE": tl.float32, "MODE": swap.FROM_RING, "BLOCK": BLOCK, "VEC": 8}
+    swaps, means = [], []
+    for count in (1, 3):
+        swaps.append(_specialisation(swap.swap_kernel, arch, (rows, 1, backup, ring, ring.stride(0), count), consts))
+        means.append(
+            _specialisation(ring_mean.ring_mean_kernel, arch, (out, ring, 4099, 4104, count), {"BLOCK": BLOCK})
+        )
+    assert swaps[0] == swaps[1] and means[0] == means[1]
