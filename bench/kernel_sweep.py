@@ -62,18 +62,6 @@ def native_run(name, buffers):
     return lambda: ops.update_(params, table, averages[:n_avg], [0.001, 0.01][:n_avg], [ring] * n_ring, [1] * n_ring)
 
 
-def step_buffers_run(params):
-    """Triton's EMA+SWA+LAWA kernel on the buffers of an optimizer built as fastavg-bench builds it
-    (the ring slot fixed): with the opt.step() row, it tells the kernel's buffers from step()."""
-    from fastavg.kernels import update
-
-    averager = fastavg_case("all", params, "triton").optimizer.averager
-    group = averager._groups[0]  # one (device, dtype) group: the bench's parameters
-    lerped = [a.buffers[0] for a in averager._averages.values() if not a.is_ring]
-    rings = [a.buffers[0] for a in averager._averages.values() if a.is_ring]
-    return lambda: update.update_(group.flat_params, group.table, lerped, [0.001, 0.01], rings, [1])
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--blocks", type=int, nargs="+", default=[512, 1024, 2048, 4096])
@@ -110,13 +98,11 @@ def main(argv=None) -> None:
             for threads in args.threads if set_threads else [None]:
                 runs[(name, "native" if threads is None else f"native T={threads}")] = (fn, threads)
     # The same update through opt.step() as fastavg-bench times it (the Averager's own buffers, the
-    # ring slot cycling over 5): Triton's EMA+SWA+LAWA ran at 84% there and 90% here (H200 runs
-    # 3-5), native at 91% in both; these rows tell the kernel from what surrounds it.
+    # ring slot cycling over 5, a first step that copies): Triton's EMA+SWA+LAWA ran at 84% there
+    # and 90% here (H200 runs 3-5) while its grid came from the first step's kernel (update.py).
     for backend in ("triton", "native"):
         if available[backend] is None:
             runs[("all", f"opt.step() {backend}")] = (fastavg_case("all", params, backend).step, None)
-    if available["triton"] is None:
-        runs[("all", "triton on step()'s buffers")] = (step_buffers_run(params), None)
     for (name, kernel), (fn, threads) in runs.items():
         previous = set_threads(threads) if threads else None
         try:

@@ -30,7 +30,6 @@ class Case:
     step: Callable[[], object]
     same_numerics: bool = True
     note: str = ""
-    optimizer: object = None  # fastavg's cases: the wrapped optimizer (bench/kernel_sweep.py reads its buffers)
 
 
 class _NoOpOptimizer(torch.optim.Optimizer):
@@ -61,8 +60,8 @@ def fastavg_case(update: str, params: list[torch.Tensor], backend: str) -> Case:
             with opt.averaged():
                 pass
 
-        return Case(f"fastavg-{backend}", swap, note="averaged() in and out", optimizer=opt)
-    return Case(f"fastavg-{backend}", opt.step, optimizer=opt)
+        return Case(f"fastavg-{backend}", swap, note="averaged() in and out")
+    return Case(f"fastavg-{backend}", opt.step)
 
 
 def _averages_like(params, dtype):
