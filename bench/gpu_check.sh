@@ -4,7 +4,7 @@
 # native CUDA kernels and real Triton compilation here), benchmark every backend on GPT-2 124M
 # shapes against the stock paths and the measured copy bandwidth, time the host side of step(),
 # and write everything under $OUT
-# (8 files, the most the device tool returns). Stage timeouts add up to 7.75 minutes, plus the build
+# (8 files, the most the device tool returns). Stage timeouts add up to 7.7 minutes, plus the build
 # (33 s for one arch on an H200); the whole script ran in 4.4 minutes on an H200 (2026-11-28, run 4),
 # so timeout_s=330 leaves a lease of 15 minutes room for a second call.
 #   OUT=/some/dir bash bench/gpu_check.sh
@@ -57,7 +57,7 @@ echo "== train step" && timeout 60 "$PY" -m fastavg.bench --train-step --repeats
 echo "== step overhead" && timeout 30 "$PY" bench/step_overhead.py --device cuda --profile 2>&1 | tee "$OUT/step_overhead.txt"
 # The kernels alone: Triton block sizes and warp counts, native at 256 and 128 threads per block,
 # against the copy (into the same file: the device tool returns 8 files at most).
-echo "== kernel sweep" && timeout 75 "$PY" bench/kernel_sweep.py 2>&1 | tee -a "$OUT/step_overhead.txt"
+echo "== kernel sweep" && timeout 90 "$PY" bench/kernel_sweep.py 2>&1 | tee -a "$OUT/step_overhead.txt"
 echo "== cpu tests (torch $("$PY" -c 'import torch; print(torch.__version__)'))" && timeout 40 "$PY" -m pytest -q -rf -p no:cacheprovider -m "not cuda" $workers 2>&1 | grep -E "^FAILED|passed|failed" | tee -a "$OUT/tests.log"
 
 "$PY" - "$OUT" "$tests_rc" "$started" <<'PY'

@@ -21,8 +21,17 @@ from fastavg.bench.shapes import gpt2_shapes
 from fastavg.bench.timing import copy_bandwidth_gbps, median_ms
 from fastavg.table import build_table
 
-# (averages, rings) due: EMA alone, LAWA alone, EMA + SWA + LAWA; and swap (averaged() in and out).
-UPDATES = {"ema": (1, 0), "lawa": (0, 1), "all": (2, 1), "swap": None}
+# (averages, rings) due: EMA alone, LAWA alone, EMA and LAWA, all three; and swap (averaged() in and out).
+UPDATES = {"ema": (1, 0), "lawa": (0, 1), "ema+lawa": (1, 1), "all": (2, 1), "swap": None}
+
+
+def bytes_per_element(name: str) -> int:
+    """DESIGN.md's minimal bytes per element, bf16 weights and fp32 averages: the weights read once,
+    each average read and written, each ring slot written."""
+    if UPDATES[name] is None:
+        return minimal_bytes_per_element("swap", 2, 4)
+    n_avg, n_ring = UPDATES[name]
+    return 2 + n_avg * 2 * 4 + n_ring * 2
 
 
 def native_block_threads():
@@ -84,7 +93,7 @@ def main(argv=None) -> None:
     copy_gbps = copy_bandwidth_gbps(device, 1 << 20 if args.quick else 1 << 30, args.repeats, 3)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{device_name}: GPT-2 {n:,} bf16 weights, {buffers[1].shape[0]} rows; copy {copy_gbps:.0f} GB/s")
-    print(f"{'update':6} {'kernel':28} {'ms':>8} {'GB/s':>8} {'% copy':>7}")
+    print(f"{'update':8} {'kernel':28} {'ms':>8} {'GB/s':>8} {'% copy':>7}")
 
     available = fastavg.available_backends(device.type)
     set_threads = native_block_threads() if device.type == "cuda" else None
@@ -110,8 +119,8 @@ def main(argv=None) -> None:
         finally:
             if previous:
                 set_threads(previous)
-        gbps = n * minimal_bytes_per_element(name, 2, 4) / (ms * 1e-3) / 1e9
-        print(f"{name:6} {kernel:28} {ms:8.3f} {gbps:8.0f} {100 * gbps / copy_gbps:6.0f}%")
+        gbps = n * bytes_per_element(name) / (ms * 1e-3) / 1e9
+        print(f"{name:8} {kernel:28} {ms:8.3f} {gbps:8.0f} {100 * gbps / copy_gbps:6.0f}%")
 
 
 if __name__ == "__main__":

@@ -81,12 +81,14 @@ def update_kernel(table, n_rows, a0, a1, a2, a3, h0, l0, c0, h1, l1, c1, h2, l2,
                    c0, c1, c2, c3, r0, r1, N_AVG, N_RING, MATH, True)  # fmt: skip
 
 
-# Elements per inner iteration: BLOCK (8 per thread at 4 warps) for one average, or rings alone;
-# half that for two or more averages, whose registers at BLOCK (EMA+SWA+LAWA: 94, triton 3.6
-# ptxas, against 48 at 512) leave fewer programs per SM. H200 kernel sweep (run 3, bf16 -> fp32):
+# Elements per inner iteration: BLOCK (8 per thread at 4 warps) for one buffer (EMA alone, or one
+# ring); half that for two or more (averages and rings), whose registers at BLOCK leave fewer
+# programs per SM (triton 3.6 ptxas, sm_90, bf16 -> fp32, 1024 against 512: EMA+SWA+LAWA 94 against
+# 48; EMA + LAWA 64 against 40, 8 programs per SM against 12). H200 kernel sweep (run 3):
 # EMA+SWA+LAWA 0.656 ms at 512 vs 0.674 at 1024; rings alone 0.131 ms at 1024 vs 0.134 at 2048
-# (the 2048 used until then); EMA 0.315 to 0.319 ms at every block from 512 to 4096.
-MANY_AVERAGES_BLOCK = BLOCK // 2
+# (the 2048 used until then); EMA 0.315 to 0.319 ms at every block from 512 to 4096. EMA + LAWA is
+# inferred from the registers, not timed yet (the sweep's "ema+lawa" rows).
+MANY_BUFFERS_BLOCK = BLOCK // 2
 
 
 def launches(params, table, averages, weights, rings, slots, *, block=None, num_warps=NUM_WARPS):
@@ -102,7 +104,7 @@ def launches(params, table, averages, weights, rings, slots, *, block=None, num_
         ring_pointers = [*rng, *[filler] * (MAX_RINGS - len(rng))]
         constexprs = dict(
             P_DTYPE=p_dtype, MATH=math, N_AVG=len(avg), N_RING=len(rng),
-            BLOCK=block or (MANY_AVERAGES_BLOCK if len(avg) >= 2 else BLOCK),
+            BLOCK=block or (MANY_BUFFERS_BLOCK if len(avg) + len(rng) >= 2 else BLOCK),
             VEC=vector_width(params[0].dtype, *[a.dtype for a in avg[:1]]), num_warps=num_warps,
         )  # fmt: skip
         yield (table, n_rows, *pointers, *coefficients, *ring_pointers), constexprs

@@ -136,8 +136,10 @@ def test_kernel_sweep_runs_every_kernel(capsys):
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
     available = [b for b, why in fastavg.available_backends("cpu").items() if why is None]
     kernels = {"triton B=1024 w=4": "triton", "native": "native"}
-    expected = {(u, k) for u in ("ema", "lawa", "all") for k, b in kernels.items() if b in available}
+    expected = {(u, k) for u in ("ema", "lawa", "ema+lawa", "all") for k, b in kernels.items() if b in available}
     expected |= {("swap", k) for k in ("triton", "native") if k in available}
     expected |= {("all", f"opt.step() {b}") for b in ("triton", "native") if b in available}
     assert {(r[0], " ".join(r[1:-3])) for r in rows} == expected and expected
     assert all(float(r[-3]) > 0 for r in rows)
+    for update in ("ema", "lawa", "all", "swap"):  # the sweep's byte counts are the benchmark's
+        assert sweep.bytes_per_element(update) == cases.minimal_bytes_per_element(update, 2, 4)
