@@ -9,6 +9,8 @@
 // CUDA's keywords a host compiler lacks (cuda_fp16.h defines __device__ and friends for it).
 #define __launch_bounds__(...)
 #define __grid_constant__
+// The formulas as the device compiles them (fastavg_math.h spells one for each compiler).
+#define FASTAVG_GPU_SPELLING
 
 namespace {
 struct Dim {
