@@ -119,10 +119,10 @@ def test_grid_comes_from_the_compiled_kernel():
     assert table._RESIDENT and all(most % sms == 0 and most >= sms for most in table._RESIDENT.values())
 
 
-def _update_launch(weights, average_dtype=torch.float32, device="cpu"):
-    """update_kernel's (arguments, constexprs) for EMA+SWA+LAWA over bf16 weights."""
+def _update_launch(weights, device="cpu"):
+    """update_kernel's (arguments, constexprs) for EMA+SWA+LAWA over bf16 weights, fp32 averages."""
     params = [torch.randn(4099, device=device).bfloat16()]
-    averages = [torch.zeros(4099, dtype=average_dtype, device=device) for _ in weights]
+    averages = [torch.zeros(4099, device=device) for _ in weights]
     ring = torch.zeros(2, 4104, dtype=torch.bfloat16, device=device)[:, :4099]
     ((args, constexprs),) = update.launches(params, table.build_table(params), averages, weights, [ring], [0])
     return args, constexprs
