@@ -40,6 +40,13 @@ def native_block_threads():
     return tuning.set_block_threads if hasattr(tuning, "set_block_threads") else None
 
 
+def update_args(name, buffers) -> tuple:
+    """``update_``'s arguments for ``name``: its averages (EMA then SWA weights) and ring slot."""
+    params, table, averages, ring, _ = buffers
+    n_avg, n_ring = UPDATES[name]
+    return params, table, averages[:n_avg], [0.001, 0.01][:n_avg], [ring] * n_ring, [1] * n_ring
+
+
 def swap_round_trip(ops, buffers):
     """``averaged()`` in and out through ``ops`` (Triton's swap module or the native ops): two launches."""
     params, table, averages, _, backup = buffers
@@ -50,11 +57,9 @@ def triton_runs(name, buffers, blocks, warps) -> dict:
     """Triton's kernel for ``name`` at every block size and warp count (swap: its one block size)."""
     from fastavg.kernels import swap, update
 
-    params, table, averages, ring, _ = buffers
     if name == "swap":
         return {"triton": swap_round_trip(swap, buffers)}
-    n_avg, n_ring = UPDATES[name]
-    call_args = (params, table, averages[:n_avg], [0.001, 0.01][:n_avg], [ring] * n_ring, [1] * n_ring)
+    call_args = update_args(name, buffers)
     return {
         f"triton B={b} w={w}": lambda b=b, w=w: update.update_(*call_args, block=b, num_warps=w)
         for b, w in itertools.product(blocks, warps)
@@ -63,12 +68,11 @@ def triton_runs(name, buffers, blocks, warps) -> dict:
 
 def native_run(name, buffers):
     """The native op(s) for ``name``."""
-    params, table, averages, ring, _ = buffers
     ops = torch.ops.fastavg_native
     if name == "swap":
         return swap_round_trip(ops, buffers)
-    n_avg, n_ring = UPDATES[name]
-    return lambda: ops.update_(params, table, averages[:n_avg], [0.001, 0.01][:n_avg], [ring] * n_ring, [1] * n_ring)
+    call_args = update_args(name, buffers)
+    return lambda: ops.update_(*call_args)
 
 
 def main(argv=None) -> None:
