@@ -1,6 +1,6 @@
 """The update and swap kernels alone on a GPU, GPT-2 124M shapes, bf16 weights and fp32 averages:
-Triton at several block sizes and warp counts, and the native kernels at several threads per block,
-against the measured copy bandwidth.
+Triton at several block sizes and warp counts, and the native kernels at several threads per block
+and vectors per thread per pass, against the measured copy bandwidth.
 
 No Python of step() is timed here (fastavg-bench does that): each row is back-to-back launches of
 one kernel, so the table says how close each variant comes to the bandwidth floor, and which block
@@ -11,6 +11,7 @@ size each launcher should use. Usage: python bench/kernel_sweep.py (on a GPU; `-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 
 import torch
@@ -23,6 +24,8 @@ from fastavg.table import build_table
 
 # (averages, rings) due: EMA alone, LAWA alone, EMA and LAWA, all three; and swap (averaged() in and out).
 UPDATES = {"ema": (1, 0), "lawa": (0, 1), "ema+lawa": (1, 1), "all": (2, 1), "swap": None}
+# Those whose native kernels set_unroll deepens (ring-only updates, vector swaps).
+UNROLLED = ("lawa", "swap")
 
 
 def bytes_per_element(name: str) -> int:
@@ -34,10 +37,22 @@ def bytes_per_element(name: str) -> int:
     return 2 + n_avg * 2 * 4 + n_ring * 2
 
 
-def native_block_threads():
-    """The native CUDA build's tuning hook (threads per block of later launches), or None."""
+def native_tuning():
+    """The native CUDA build's tuning hooks (set_block_threads, set_unroll), or None."""
     tuning = torch.ops.fastavg_native_tuning
-    return tuning.set_block_threads if hasattr(tuning, "set_block_threads") else None
+    return tuning if hasattr(tuning, "set_unroll") else None
+
+
+@contextlib.contextmanager
+def native_settings(tuning, threads: int, unroll: int):
+    """Native launches at ``threads`` per block and ``unroll`` times the default vectors per thread
+    per pass, then the settings before."""
+    previous = tuning.set_block_threads(threads), tuning.set_unroll(unroll)
+    try:
+        yield
+    finally:
+        tuning.set_block_threads(previous[0])
+        tuning.set_unroll(previous[1])
 
 
 def update_args(name, buffers) -> tuple:
@@ -66,6 +81,15 @@ def triton_runs(name, buffers, blocks, warps) -> dict:
     }
 
 
+def native_rows(name, fn, tuning, threads, unrolls) -> dict:
+    """The sweep's rows of the native ``fn`` for ``name``: kernel label -> (fn, (threads per block,
+    unroll) to set, or None where the build has no tuning hooks: the CPU, or no CUDA kernels)."""
+    if tuning is None:
+        return {"native": (fn, None)}
+    settings = itertools.product(threads, unrolls if name in UNROLLED else [1])
+    return {f"native T={t}" + (f" x{u}" if u > 1 else ""): (fn, (t, u)) for t, u in settings}
+
+
 def native_run(name, buffers):
     """The native op(s) for ``name``."""
     ops = torch.ops.fastavg_native
@@ -80,6 +104,7 @@ def main(argv=None) -> None:
     parser.add_argument("--blocks", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--threads", type=int, nargs="+", default=[256, 128], help="native CUDA threads per block")
+    parser.add_argument("--unroll", type=int, nargs="+", default=[1, 2], help="native CUDA unroll (LAWA, swap)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test")
@@ -100,29 +125,24 @@ def main(argv=None) -> None:
     print(f"{'update':8} {'kernel':28} {'ms':>8} {'GB/s':>8} {'% copy':>7}")
 
     available = fastavg.available_backends(device.type)
-    set_threads = native_block_threads() if device.type == "cuda" else None
-    runs = {}  # (update, kernel) -> (fn, native threads per block or None)
+    tuning = native_tuning() if device.type == "cuda" else None
+    runs = {}  # (update, kernel) -> (fn, native (threads per block, unroll) or None)
     for name in UPDATES:
         if available["triton"] is None:
             triton = triton_runs(name, buffers, args.blocks, args.warps)
             runs.update({(name, kernel): (fn, None) for kernel, fn in triton.items()})
         if available["native"] is None:
-            fn = native_run(name, buffers)
-            for threads in args.threads if set_threads else [None]:
-                runs[(name, "native" if threads is None else f"native T={threads}")] = (fn, threads)
+            native = native_rows(name, native_run(name, buffers), tuning, args.threads, args.unroll)
+            runs.update({(name, kernel): row for kernel, row in native.items()})
     # The same update through opt.step() as fastavg-bench times it (the Averager's own buffers, the
     # ring slot cycling over 5, a first step that copies): Triton's EMA+SWA+LAWA ran at 84% there
     # and 90% here (H200 runs 3-5) while its grid came from the first step's kernel (update.py).
     for backend in ("triton", "native"):
         if available[backend] is None:
             runs[("all", f"opt.step() {backend}")] = (fastavg_case("all", params, backend).step, None)
-    for (name, kernel), (fn, threads) in runs.items():
-        previous = set_threads(threads) if threads else None
-        try:
+    for (name, kernel), (fn, settings) in runs.items():
+        with native_settings(tuning, *settings) if settings else contextlib.nullcontext():
             ms = median_ms(fn, device, args.repeats, 1 if args.quick else 3, calls=1 if args.quick else 20)
-        finally:
-            if previous:
-                set_threads(previous)
         gbps = n * bytes_per_element(name) / (ms * 1e-3) / 1e9
         print(f"{name:8} {kernel:28} {ms:8.3f} {gbps:8.0f} {100 * gbps / copy_gbps:6.0f}%")
 

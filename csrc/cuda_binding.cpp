@@ -151,11 +151,21 @@ int64_t set_block_threads(int64_t threads) {
   return previous;
 }
 
+int64_t set_unroll(int64_t factor) {
+  const int previous = factor == static_cast<int>(factor) ? cuda::set_unroll(static_cast<int>(factor)) : -1;
+  TORCH_CHECK_VALUE(previous > 0, "set_unroll: factor must be 1 or 2, got ", factor);
+  return previous;
+}
+
 }  // namespace
 
-// A tuning hook for bench/kernel_sweep.py, not part of the ops (fastavg/ops.py's SCHEMAS): the
-// threads per block of later update and swap launches; returns the previous number.
-TORCH_LIBRARY(fastavg_native_tuning, m) { m.def("set_block_threads(int threads) -> int", &set_block_threads); }
+// Tuning hooks for bench/kernel_sweep.py, not part of the ops (fastavg/ops.py's SCHEMAS): the
+// threads per block, and the vectors per thread per pass, of later update and swap launches; each
+// returns the previous setting.
+TORCH_LIBRARY(fastavg_native_tuning, m) {
+  m.def("set_block_threads(int threads) -> int", &set_block_threads);
+  m.def("set_unroll(int factor) -> int", &set_unroll);
+}
 
 TORCH_LIBRARY_IMPL(fastavg_native, CUDA, m) {
   m.impl("update_", &update_cuda);

@@ -67,6 +67,11 @@ constexpr int kAccessWidth = 16 / (sizeof(A) > sizeof(P) ? sizeof(A) : sizeof(P)
 template <int V, int NA>
 constexpr int kVectorsPerPass = NA >= 2 || V >= 8 ? 1 : 8 / V;
 
+// A multiple of those vectors, for tuning (set_unroll): Unroll 2 puts two 16-byte loads in flight
+// per thread where the default has one (LAWA alone, swap back). Compiled for the ring-only updates
+// and the vector swaps only, the kernels bench/kernel_sweep.py times at both.
+constexpr int kMaxUnroll = 2;
+
 template <typename A>
 using Math = typename std::conditional<std::is_same<A, double>::value, double, float>::type;
 
@@ -144,12 +149,12 @@ __device__ __forceinline__ int64_t row_vectors(const int64_t* row, bool vectors_
 
 // NA averages and NR rings due, fixed at compile time (one kernel per combination: the launcher
 // picks it), so every loop below unrolls and each thread issues all its loads before any store.
-template <typename P, typename A, int NA, int NR>
+template <typename P, typename A, int NA, int NR, int Unroll = 1>
 __global__ void __launch_bounds__(kThreads) update_kernel(const __grid_constant__ UpdateArgs args) {
   static_assert(NA <= kMaxAverages && NR <= kMaxRings && NA + NR > 0, "one launch takes 1 to 4 + 2 buffers");
   using M = Math<A>;
   constexpr int V = NA > 0 ? kAccessWidth<P, A> : kAccessWidth<P, P>;
-  constexpr int U = kVectorsPerPass<V, NA>;
+  constexpr int U = kVectorsPerPass<V, NA> * Unroll;
   for (int64_t r = blockIdx.x; r < args.rows; r += gridDim.x) {
     const int64_t* row = args.table + 4 * r;
     const P* p = reinterpret_cast<const P*>(row[0]);
@@ -217,12 +222,12 @@ __device__ __forceinline__ P swapped_in(const void* source, int64_t flat, int64_
 // Mode 0: p = the average (read as vectors of kAccessWidth); 1: p = the ring mean (its elements
 // read one by one, count per element: averaged() only); 2: p = backup (restore). Vectors per pass
 // and their order as in update_kernel: every load of a pass before its stores.
-template <typename P, typename A, int Mode>
+template <typename P, typename A, int Mode, int Unroll = 1>
 __global__ void __launch_bounds__(kThreads) swap_kernel(const int64_t* table, int64_t rows, P* backup,
                                                         const void* source, int64_t stride, int64_t count,
                                                         bool vectors_ok) {
   constexpr int V = Mode == 0 ? kAccessWidth<P, A> : kAccessWidth<P, P>;
-  constexpr int U = kVectorsPerPass<V, 1>;
+  constexpr int U = kVectorsPerPass<V, 1> * Unroll;
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const int64_t* row = table + 4 * r;
     P* p = reinterpret_cast<P*>(row[0]);
@@ -325,16 +330,30 @@ void with_count(int n, F&& f) {
   }
 }
 
-// The update_kernel instance for the averages and rings in `args`: f(kernel).
+// The update_kernel instance for the averages and rings in `args`: f(kernel). `unroll` (1 or 2:
+// set_unroll) applies to ring-only updates; the others have one instance.
 template <typename P, typename A, typename F>
-void with_update_kernel(const UpdateArgs& args, F&& f) {
+void with_update_kernel(const UpdateArgs& args, int unroll, F&& f) {
   with_count<0, kMaxAverages>(args.n_averages, [&](auto na) {
     constexpr int NA = decltype(na)::value;  // named here, not in the inner lambda (see dispatch_pair)
     with_count<0, kMaxRings>(args.n_rings, [&](auto nr) {
       constexpr int NR = decltype(nr)::value;
+      if constexpr (NA == 0 && NR > 0) {
+        if (unroll == kMaxUnroll) return f(update_kernel<P, A, NA, NR, kMaxUnroll>);
+      }
       if constexpr (NA + NR > 0) f(update_kernel<P, A, NA, NR>);
     });
   });
+}
+
+// The swap_kernel instance for `mode` (0: from an average, 1: from a ring, 2: restore): f(kernel).
+// `unroll` applies to modes 0 and 2 (mode 1 reads its ring element by element).
+template <typename P, typename A, typename F>
+void with_swap_kernel(int mode, int unroll, F&& f) {
+  const bool deep = unroll == kMaxUnroll;
+  if (mode == 0) deep ? f(swap_kernel<P, A, 0, kMaxUnroll>) : f(swap_kernel<P, A, 0>);
+  if (mode == 1) f(swap_kernel<P, A, 1>);
+  if (mode == 2) deep ? f(swap_kernel<P, A, 2, kMaxUnroll>) : f(swap_kernel<P, A, 2>);
 }
 
 // What update_kernel reads besides the caller's arguments: each weight rounded for float math,

@@ -33,6 +33,9 @@ const char* ring_mean(void* out, const void* ring, int64_t n, int64_t stride, in
 // a multiple of 32 up to kThreads (256, the default). Returns the previous value, or -1 (unchanged)
 // for any other number.
 int set_block_threads(int threads);
+// Vectors per thread per pass of later ring-only update and vector swap launches, as a multiple of
+// the default, for tuning: 1 (the default) or 2. Returns the previous value, or -1 (unchanged).
+int set_unroll(int factor);
 
 }  // namespace cuda
 }  // namespace fastavg

@@ -67,9 +67,10 @@ def _aligned(address: int) -> bool:
     return address % 16 == 0
 
 
-def backend(lib: ctypes.CDLL, most_blocks: int, threads: int = THREADS) -> Backend:
+def backend(lib: ctypes.CDLL, most_blocks: int, threads: int = THREADS, unroll: int = 1) -> Backend:
     """The emulated kernels as a backend; ``most_blocks`` stands for the blocks a GPU holds at once,
-    ``threads`` for the threads per block of update and swap launches (set_block_threads)."""
+    ``threads`` for the threads per block of update and swap launches (set_block_threads), ``unroll``
+    for their vectors per thread per pass (set_unroll: 1 or 2)."""
 
     def blocks(items: int) -> ctypes.c_uint:
         return ctypes.c_uint(lib.emulate_balanced_blocks(items, most_blocks))
@@ -84,7 +85,7 @@ def backend(lib: ctypes.CDLL, most_blocks: int, threads: int = THREADS) -> Backe
             launched = lib.emulate_update(
                 ctypes.c_void_p(table.data_ptr()), ctypes.c_int64(table.shape[0]), _pointers(avg),
                 (ctypes.c_double * MAX_AVERAGES)(*wts), len(avg), _pointers(rng), len(rng), int(vectors_ok),
-                CODES[params[0].dtype], average_code, blocks(table.shape[0]), threads,
+                CODES[params[0].dtype], average_code, blocks(table.shape[0]), threads, unroll,
             )  # fmt: skip
             _launched(launched)
 
@@ -95,7 +96,7 @@ def backend(lib: ctypes.CDLL, most_blocks: int, threads: int = THREADS) -> Backe
             ctypes.c_void_p(table.data_ptr()), ctypes.c_int64(table.shape[0]), ctypes.c_void_p(backup.data_ptr()),
             ctypes.c_void_p(source.data_ptr()), ctypes.c_int64(stride), ctypes.c_int64(count),
             CODES[params[0].dtype], CODES[average_dtype], mode, int(_aligned(backup.data_ptr()) and source_aligned),
-            blocks(table.shape[0]), threads,
+            blocks(table.shape[0]), threads, unroll,
         )  # fmt: skip
         _launched(launched)
 

@@ -123,8 +123,8 @@ def test_readme_table_is_generated_from_the_recorded_results():
     assert list((root / "bench" / "results").glob("*.json")), "no recorded benchmark run"
 
 
-def test_kernel_sweep_runs_every_kernel(capsys):
-    """bench/kernel_sweep.py (run on GPUs by gpu_check.sh): its smoke mode here, every row printed."""
+def _kernel_sweep():
+    """bench/kernel_sweep.py as a module (a script, not part of the package)."""
     import importlib.util
     import pathlib
 
@@ -132,6 +132,12 @@ def test_kernel_sweep_runs_every_kernel(capsys):
     spec = importlib.util.spec_from_file_location("kernel_sweep", path)
     sweep = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sweep)
+    return sweep
+
+
+def test_kernel_sweep_runs_every_kernel(capsys):
+    """bench/kernel_sweep.py (run on GPUs by gpu_check.sh): its smoke mode here, every row printed."""
+    sweep = _kernel_sweep()
     sweep.main(["--device", "cpu", "--quick", "--repeats", "1", "--blocks", "1024", "--warps", "4"])
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
     available = [b for b, why in fastavg.available_backends("cpu").items() if why is None]
@@ -143,3 +149,32 @@ def test_kernel_sweep_runs_every_kernel(capsys):
     assert all(float(r[-3]) > 0 for r in rows)
     for update in ("ema", "lawa", "all", "swap"):  # the sweep's byte counts are the benchmark's
         assert sweep.bytes_per_element(update) == cases.minimal_bytes_per_element(update, 2, 4)
+
+
+def test_kernel_sweep_native_rows_set_and_restore_their_tuning():
+    """On a GPU the sweep times the native kernels at each threads-per-block and unroll setting
+    (unroll only where set_unroll applies), through the build's tuning hooks, and restores them."""
+    sweep = _kernel_sweep()
+
+    class Tuning:  # the hooks' contract: set, and return the previous setting
+        state = [256, 1]
+
+        def set_block_threads(self, threads):
+            previous, self.state[0] = self.state[0], threads
+            return previous
+
+        def set_unroll(self, unroll):
+            previous, self.state[1] = self.state[1], unroll
+            return previous
+
+    tuning = Tuning()
+    lawa = sweep.native_rows("lawa", print, tuning, [256, 128], [1, 2])
+    assert {k: v[1] for k, v in lawa.items()} == {
+        "native T=256": (256, 1), "native T=256 x2": (256, 2), "native T=128": (128, 1), "native T=128 x2": (128, 2)
+    }  # fmt: skip
+    assert list(sweep.native_rows("ema", print, tuning, [128], [1, 2])) == ["native T=128"]
+    assert sweep.native_rows("ema", print, None, [128], [1, 2]) == {"native": (print, None)}
+    with pytest.raises(RuntimeError), sweep.native_settings(tuning, 128, 2):
+        assert tuning.state == [128, 2]
+        raise RuntimeError("a failed row")
+    assert tuning.state == [256, 1]

@@ -69,30 +69,36 @@ def test_gpt2_sized_update_matches_torch_backend(dtype, cuda_backend):
     _gpt2_sized_update_matches_torch_backend(dtype, cuda_backend)
 
 
-def test_native_kernels_at_the_sweeps_block_size():
-    """bench/kernel_sweep.py times the native kernels at 128 threads per block too (a tuning hook,
-    not an op): they must give the same results there, and the hook refuses other sizes."""
+@pytest.mark.parametrize("threads, unroll", [(128, 1), (256, 2), (128, 2)])
+def test_native_kernels_at_the_sweeps_settings(threads, unroll):
+    """bench/kernel_sweep.py times the native kernels at 128 threads per block and at twice the
+    vectors per thread per pass too (tuning hooks, not ops): they must give the same results there,
+    LAWA-only steps included, and the hooks refuse other settings."""
     if "native" not in CUDA_BACKENDS:
         pytest.skip(fastavg.available_backends("cuda")["native"])
     tuning = torch.ops.fastavg_native_tuning
     with pytest.raises(ValueError, match="multiple of 32"):
         tuning.set_block_threads(100)
-    previous = tuning.set_block_threads(128)
+    with pytest.raises(ValueError, match="1 or 2"):
+        tuning.set_unroll(3)
+    previous = tuning.set_block_threads(threads), tuning.set_unroll(unroll)
     try:
-        assert previous == 256  # the default, unchanged by the refused call
+        assert previous == (256, 1)  # the defaults, unchanged by the refused calls
         _gpt2_sized_update_matches_torch_backend(torch.bfloat16, "native")
+        _gpt2_sized_update_matches_torch_backend(torch.bfloat16, "native", {"lawa": LAWA(window=3, every=1)})
     finally:
-        tuning.set_block_threads(previous)
+        tuning.set_block_threads(previous[0])
+        tuning.set_unroll(previous[1])
 
 
-def _gpt2_sized_update_matches_torch_backend(dtype, backend):
+def _gpt2_sized_update_matches_torch_backend(dtype, backend, specs=SPECS):
     # Large tensors exercise the persistent grid (rows > programs) and 16-byte vector paths.
     shapes = [(50257, 768), (1024, 768), (768,), (768, 2304), (2304,), (7,)]
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, device="cuda").to(dtype)) for s in shapes]
     twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    mine = fastavg.Averager(params, SPECS, backend=backend)
-    ref = fastavg.Averager(twins, SPECS, backend="torch")
+    mine = fastavg.Averager(params, specs, backend=backend)
+    ref = fastavg.Averager(twins, specs, backend="torch")
     for _ in range(7):
         with torch.no_grad():
             for p, q in zip(params, twins):
@@ -102,7 +108,7 @@ def _gpt2_sized_update_matches_torch_backend(dtype, backend):
         mine.step()
         ref.step()
     tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
-    for name in SPECS:
+    for name in specs:
         for a, b in zip(mine.averaged_params(name), ref.averaged_params(name)):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
         with mine.averaged(name):

@@ -15,6 +15,7 @@ from test_ops import (  # noqa: F401
     test_ring_mean_and_swap_in_ring,
     test_swap_in_and_restore,
     test_update_lerps_and_writes_ring_slots,
+    test_update_of_rings_alone,
     test_update_with_many_averages_and_rings,
     test_update_with_only_rings_or_only_averages,
     test_weights_keep_float64_precision,
@@ -31,12 +32,16 @@ def emulator(tmp_path_factory):
         pytest.skip(str(err))
 
 
-@pytest.fixture(params=[(1, 256), (3, 128)], ids=["1-block-256-threads", "3-blocks-128-threads"])
+@pytest.fixture(
+    params=[(1, 256, 1), (3, 128, 1), (2, 96, 2)],
+    ids=["1-block-256-threads", "3-blocks-128-threads", "2-blocks-96-threads-unroll-2"],
+)
 def target(request, emulator):
-    """The emulated kernels with a GPU that holds 1 or 3 blocks at once (blocks walk many rows), at
-    the default 256 threads per block and at 128 (the sweep's set_block_threads)."""
-    most_blocks, threads = request.param
-    return emulated_backend(emulator, most_blocks=most_blocks, threads=threads), "cpu"
+    """The emulated kernels with a GPU that holds 1 to 3 blocks at once (blocks walk many rows), at
+    the default 256 threads per block and fewer (the sweep's set_block_threads), and with twice the
+    vectors per thread per pass (set_unroll; at 96 threads a row's last pass is partial)."""
+    most_blocks, threads, unroll = request.param
+    return emulated_backend(emulator, most_blocks=most_blocks, threads=threads, unroll=unroll), "cpu"
 
 
 @pytest.mark.parametrize("items, most", [(1995, 1056), (1995, 792), (1, 3), (0, 3), (7, 1), (1057, 1056)])

@@ -40,12 +40,12 @@ def test_cuda_kernels_compile_and_vectorise(tmp_path, arch):
     assert result.returncode == 0, result.stderr[-3000:]
     text = ptx.read_text()
     # bf16 parameters, fp32 averages: the aligned path loads and stores 16-byte vectors, for EMA
-    # alone (1 average, 0 rings), LAWA alone (0, 1) and EMA+SWA+LAWA (2, 1).
+    # alone (1 average, 0 rings), LAWA alone (0, 1; and unrolled, set_unroll) and EMA+SWA+LAWA (2, 1).
     entries = [m.start() for m in re.finditer(r"\.entry ", text)] + [len(text)]
-    for averages, rings in [(1, 0), (0, 1), (2, 1)]:
-        name = rf"update_kernelI13__nv_bfloat16fLi{averages}ELi{rings}EE"
+    for averages, rings, unroll in [(1, 0, 1), (0, 1, 1), (0, 1, 2), (2, 1, 1)]:
+        name = rf"update_kernelI13__nv_bfloat16fLi{averages}ELi{rings}ELi{unroll}EE"
         starts = [i for i in entries[:-1] if re.match(rf"\.entry \S*{name}", text[i:])]
-        assert starts, f"update_kernel<bf16, float, {averages}, {rings}> not found in the PTX"
+        assert starts, f"update_kernel<bf16, float, {averages}, {rings}, {unroll}> not found in the PTX"
         body = text[starts[0] : min(e for e in entries if e > starts[0])]
         assert re.search(r"ld\.global\.v4\.(b32|u32|f32)", body), f"no 16-byte vector loads in {name}"
         assert re.search(r"st\.global\.v4\.(b32|u32|f32)", body), f"no 16-byte vector stores in {name}"

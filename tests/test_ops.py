@@ -72,6 +72,27 @@ def test_update_lerps_and_writes_ring_slots(sizes, dtype, misaligned, target):
     assert all(torch.equal(a, b) for a, b in zip(params, _params(sizes, dtype, dev, misaligned=misaligned)))
 
 
+@pytest.mark.parametrize("misaligned", [False, True], ids=["aligned", "misaligned"])
+@pytest.mark.parametrize("sizes", SIZES, ids=str)
+@pytest.mark.parametrize("dtype", PARAM_DTYPES, ids=str)
+def test_update_of_rings_alone(sizes, dtype, misaligned, target):
+    """A step where only LAWA is due (a launch with no averages: its own kernel in the CUDA and
+    Triton backends): poisoned slots of one ring, then of two, get the parameters; the rest stay."""
+    backend, dev = target
+    params = _params(sizes, dtype, dev, misaligned=misaligned)
+    impls, flat, table = _bind(backend, params, dev)
+    n = sum(sizes)
+    rings = [torch.zeros(3, n, dtype=dtype, device=dev), torch.zeros(2, n, dtype=dtype, device=dev)]
+    for slots in ([1], [2, 0]):
+        for ring, slot in zip(rings, slots):
+            _poison(ring[slot])
+        impls["update_"](flat, table, [], [], rings[: len(slots)], slots)
+        for ring, slot in zip(rings, slots):
+            assert torch.equal(ring[slot], torch.cat(params))
+    assert not rings[0][0].any() and not rings[1][1].any()  # slots no step wrote
+    assert all(torch.equal(a, b) for a, b in zip(params, _params(sizes, dtype, dev, misaligned=misaligned)))
+
+
 def test_update_with_many_averages_and_rings(target):
     backend, dev = target
     params = _params([5, 300, 2], torch.bfloat16, dev)

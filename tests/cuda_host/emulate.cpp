@@ -42,11 +42,11 @@ void run(unsigned blocks, unsigned threads, Kernel&& kernel) {
 extern "C" {
 
 // One launch of update_kernel, as ops_cuda.cu's update() makes it (at most 4 averages, 2 rings), of
-// `threads` per block (set_block_threads); 0 for a (parameter, average) dtype pair the build lacks,
-// as update() refuses it.
+// `threads` per block (set_block_threads) and `unroll` (set_unroll); 0 for a (parameter, average)
+// dtype pair the build lacks, as update() refuses it.
 int emulate_update(const int64_t* table, int64_t rows, void* const* averages, const double* weights, int n_averages,
                    void* const* rings, int n_rings, int vectors_ok, int param, int average, unsigned blocks,
-                   unsigned threads) {
+                   unsigned threads, int unroll) {
   UpdateArgs args{};
   args.table = table;
   args.rows = rows;
@@ -60,22 +60,22 @@ int emulate_update(const int64_t* table, int64_t rows, void* const* averages, co
   args.vectors_ok = vectors_ok != 0;
   finish_update_args(args);
   return dispatch_pair(Dtype(param), Dtype(average), [&](auto p_tag, auto a_tag) {
-    with_update_kernel<decltype(p_tag), decltype(a_tag)>(args, [&](auto kernel) { run(blocks, threads, [&] { kernel(args); }); });
+    with_update_kernel<decltype(p_tag), decltype(a_tag)>(args, unroll, [&](auto kernel) {
+      run(blocks, threads, [&] { kernel(args); });
+    });
   });
 }
 
 // One launch of swap_kernel in `mode` (0: from an average, 1: from a ring, 2: restore) of `threads`
-// per block; 0 for an unsupported dtype pair.
+// per block and `unroll`; 0 for an unsupported dtype pair.
 int emulate_swap(const int64_t* table, int64_t rows, void* backup, const void* source, int64_t stride, int64_t count,
-                 int param, int average, int mode, int vectors_ok, unsigned blocks, unsigned threads) {
+                 int param, int average, int mode, int vectors_ok, unsigned blocks, unsigned threads, int unroll) {
   return dispatch_pair(Dtype(param), Dtype(average), [&](auto p_tag, auto a_tag) {
     using P = decltype(p_tag);
     using A = decltype(a_tag);
     P* b = static_cast<P*>(backup);
-    run(blocks, threads, [&] {
-      if (mode == 0) swap_kernel<P, A, 0>(table, rows, b, source, stride, count, vectors_ok != 0);
-      if (mode == 1) swap_kernel<P, A, 1>(table, rows, b, source, stride, count, vectors_ok != 0);
-      if (mode == 2) swap_kernel<P, A, 2>(table, rows, b, source, stride, count, vectors_ok != 0);
+    with_swap_kernel<P, A>(mode, unroll, [&](auto kernel) {
+      run(blocks, threads, [&] { kernel(table, rows, b, source, stride, count, vectors_ok != 0); });
     });
   });
 }
