@@ -18,14 +18,13 @@ import torch
 
 import fastavg
 from fastavg.bench.cases import fastavg_case, minimal_bytes_per_element
+from fastavg.bench.native_launch import UNROLLED, label, launch_settings, tuning_hooks
 from fastavg.bench.shapes import gpt2_shapes
 from fastavg.bench.timing import copy_bandwidth_gbps, median_ms
 from fastavg.table import build_table
 
 # (averages, rings) due: EMA alone, LAWA alone, EMA and LAWA, all three; and swap (averaged() in and out).
 UPDATES = {"ema": (1, 0), "lawa": (0, 1), "ema+lawa": (1, 1), "all": (2, 1), "swap": None}
-# Those whose native kernels set_unroll deepens (ring-only updates, vector swaps).
-UNROLLED = ("lawa", "swap")
 
 
 def bytes_per_element(name: str) -> int:
@@ -35,24 +34,6 @@ def bytes_per_element(name: str) -> int:
         return minimal_bytes_per_element("swap", 2, 4)
     n_avg, n_ring = UPDATES[name]
     return 2 + n_avg * 2 * 4 + n_ring * 2
-
-
-def native_tuning():
-    """The native CUDA build's tuning hooks (set_block_threads, set_unroll), or None."""
-    tuning = torch.ops.fastavg_native_tuning
-    return tuning if hasattr(tuning, "set_unroll") else None
-
-
-@contextlib.contextmanager
-def native_settings(tuning, threads: int, unroll: int):
-    """Native launches at ``threads`` per block and ``unroll`` times the default vectors per thread
-    per pass, then the settings before."""
-    previous = tuning.set_block_threads(threads), tuning.set_unroll(unroll)
-    try:
-        yield
-    finally:
-        tuning.set_block_threads(previous[0])
-        tuning.set_unroll(previous[1])
 
 
 def update_args(name, buffers) -> tuple:
@@ -87,7 +68,7 @@ def native_rows(name, fn, tuning, threads, unrolls) -> dict:
     if tuning is None:
         return {"native": (fn, None)}
     settings = itertools.product(threads, unrolls if name in UNROLLED else [1])
-    return {f"native T={t}" + (f" x{u}" if u > 1 else ""): (fn, (t, u)) for t, u in settings}
+    return {f"native {label(t, u)}": (fn, (t, u)) for t, u in settings}
 
 
 def native_run(name, buffers):
@@ -125,7 +106,7 @@ def main(argv=None) -> None:
     print(f"{'update':8} {'kernel':28} {'ms':>8} {'GB/s':>8} {'% copy':>7}")
 
     available = fastavg.available_backends(device.type)
-    tuning = native_tuning() if device.type == "cuda" else None
+    tuning = tuning_hooks() if device.type == "cuda" else None
     runs = {}  # (update, kernel) -> (fn, native (threads per block, unroll) or None)
     for name in UPDATES:
         if available["triton"] is None:
@@ -141,7 +122,7 @@ def main(argv=None) -> None:
         if available[backend] is None:
             runs[("all", f"opt.step() {backend}")] = (fastavg_case("all", params, backend).step, None)
     for (name, kernel), (fn, settings) in runs.items():
-        with native_settings(tuning, *settings) if settings else contextlib.nullcontext():
+        with launch_settings(tuning, *settings) if settings else contextlib.nullcontext():
             ms = median_ms(fn, device, args.repeats, 1 if args.quick else 3, calls=1 if args.quick else 20)
         gbps = n * bytes_per_element(name) / (ms * 1e-3) / 1e9
         print(f"{name:8} {kernel:28} {ms:8.3f} {gbps:8.0f} {100 * gbps / copy_gbps:6.0f}%")

@@ -7,8 +7,31 @@ import pytest
 import torch
 
 import fastavg
-from fastavg.bench import cases, cli, timing
+from fastavg.bench import cases, cli, native_launch, report, timing
 from fastavg.bench.shapes import gpt2_shapes
+
+
+class FakeTuningHooks:
+    """The native CUDA build's tuning hooks' contract (set, return the previous setting), on the CPU;
+    ``log`` keeps every call."""
+
+    def __init__(self):
+        self.state, self.log = [256, 1], []
+
+    def set_block_threads(self, threads):
+        if threads % 32 or not 32 <= threads <= 256:
+            raise ValueError("threads per block must be a multiple of 32 from 32 to 256")
+        self.log.append(("threads", threads))
+        previous, self.state[0] = self.state[0], threads
+        return previous
+
+    def set_unroll(self, unroll):
+        if unroll not in (1, 2):
+            raise ValueError("factor must be 1 or 2")
+        self.log.append(("unroll", unroll))
+        previous, self.state[1] = self.state[1], unroll
+        return previous
+
 
 REQUIRED = {"update", "impl", "dtype", "numel", "median_ms", "gbps", "pct_of_copy", "speedup_vs_stock",
             "speedup_vs_averaged_model"}  # fmt: skip
@@ -156,25 +179,109 @@ def test_kernel_sweep_native_rows_set_and_restore_their_tuning():
     (unroll only where set_unroll applies), through the build's tuning hooks, and restores them."""
     sweep = _kernel_sweep()
 
-    class Tuning:  # the hooks' contract: set, and return the previous setting
-        state = [256, 1]
-
-        def set_block_threads(self, threads):
-            previous, self.state[0] = self.state[0], threads
-            return previous
-
-        def set_unroll(self, unroll):
-            previous, self.state[1] = self.state[1], unroll
-            return previous
-
-    tuning = Tuning()
+    tuning = FakeTuningHooks()
     lawa = sweep.native_rows("lawa", print, tuning, [256, 128], [1, 2])
     assert {k: v[1] for k, v in lawa.items()} == {
         "native T=256": (256, 1), "native T=256 x2": (256, 2), "native T=128": (128, 1), "native T=128 x2": (128, 2)
     }  # fmt: skip
     assert list(sweep.native_rows("ema", print, tuning, [128], [1, 2])) == ["native T=128"]
     assert sweep.native_rows("ema", print, None, [128], [1, 2]) == {"native": (print, None)}
-    with pytest.raises(RuntimeError), sweep.native_settings(tuning, 128, 2):
+    with pytest.raises(RuntimeError), native_launch.launch_settings(tuning, 128, 2):
         assert tuning.state == [128, 2]
         raise RuntimeError("a failed row")
     assert tuning.state == [256, 1]
+
+
+@pytest.mark.parametrize("text, setting", [("128", (128, 1)), ("256x2", (256, 2)), ("32x1", (32, 1))])
+def test_native_launch_settings_parse(text, setting):
+    assert native_launch.parse_setting(text) == setting
+
+
+@pytest.mark.parametrize("text", ["", "x2", "128x", "128*2", "-128", "128 x2", "twelve"])
+def test_malformed_native_launch_settings_are_refused(text):
+    with pytest.raises(ValueError, match="THREADSxUNROLL"):
+        native_launch.parse_setting(text)
+
+
+def test_native_launches_per_update_skip_the_default_and_repeats():
+    settings = [(128, 1), (256, 2), (128, 2), (256, 1)]
+    # The unroll changes LAWA alone and swap only: for EMA, 256x2 is the default and 128x2 is 128.
+    assert cli.launches_for("ema", settings, (256, 1)) == [(128, 1)]
+    assert cli.launches_for("all", settings, (256, 1)) == [(128, 1)]
+    for update in ("lawa", "swap"):
+        assert cli.launches_for(update, settings, (256, 1)) == [(128, 1), (256, 2), (128, 2)]
+
+
+def test_native_launch_needs_the_cuda_build(monkeypatch):
+    with pytest.raises(SystemExit, match="--native-launch needs a CUDA device"):
+        cli.main(["--quick", "--device", "cpu", "--native-launch", "128"])
+    # On a CUDA device with the hooks: settings the kernels cannot run are refused before any timing.
+    hooks = FakeTuningHooks()
+    monkeypatch.setattr(native_launch, "tuning_hooks", lambda: hooks)
+    cuda = torch.device("cuda")
+    assert cli.resolve_native_launches(["128", "256x2"], cuda, ["native"]) == [(128, 1), (256, 2)]
+    for bad, message in (("100", "multiple of 32"), ("128x3", "1 or 2"), ("x", "THREADSxUNROLL")):
+        with pytest.raises(SystemExit, match=message):
+            cli.resolve_native_launches([bad], cuda, ["native"])
+    assert hooks.state == [256, 1]
+    with pytest.raises(SystemExit, match="native backend"):
+        cli.resolve_native_launches(["128"], cuda, ["triton"])
+
+
+@pytest.mark.skipif(fastavg.available_backends("cpu")["native"] is not None, reason="needs the native backend")
+def test_native_rows_at_other_launch_settings_set_them_around_each_call(monkeypatch):
+    """--native-launch rows: the native backend with the hooks set for each timed call, then restored
+    (here with a stand-in for the hooks, which only CUDA builds have)."""
+    hooks = FakeTuningHooks()
+    monkeypatch.setattr(native_launch, "tuning_hooks", lambda: hooks)
+    params = [torch.nn.Parameter(torch.randn(s).bfloat16()) for s in [(7, 3), (5,)]]
+    case = cases.fastavg_case("lawa", params, "native", launch=(128, 2))
+    assert case.impl == "fastavg-native T=128 x2" and hooks.log == []
+    assert native_launch.current_settings(hooks) == (256, 1) and hooks.state == [256, 1]
+    hooks.log.clear()
+    case.step()
+    assert hooks.log == [("threads", 128), ("unroll", 2), ("unroll", 1), ("threads", 256)]
+    records = cli.run_dtype("swap", torch.bfloat16, [(7, 3)], torch.device("cpu"), ["native"], 1, 0, 1.0,
+                            [(128, 1), (256, 2)])  # fmt: skip
+    impls = [r["impl"] for r in records]
+    assert impls[:3] == ["fastavg-native", "fastavg-native T=128", "fastavg-native T=256 x2"]
+    assert all(r["speedup_vs_stock"] > 0 for r in records[:3]) and hooks.state == [256, 1]
+    with pytest.raises(ValueError, match="native backend's CUDA build"):
+        cases.fastavg_case("ema", params, "torch", launch=(128, 1))
+
+
+@pytest.mark.skipif(fastavg.available_backends("cpu")["native"] is not None, reason="needs the native backend")
+def test_benchmark_adds_a_row_per_native_launch_setting_that_changes_the_update(monkeypatch, tmp_path, capsys):
+    hooks = FakeTuningHooks()
+    monkeypatch.setattr(native_launch, "tuning_hooks", lambda: hooks)
+    # The CPU has no such settings: as if resolved on a CUDA device.
+    monkeypatch.setattr(cli, "resolve_native_launches", lambda texts, device, backends: [(128, 2)])
+    path = tmp_path / "b.json"
+    cli.main(["--quick", "--backends", "native", "--update", "ema", "lawa", "--dtype", "bf16", "--json", str(path)])
+    header, *records = json.loads(path.read_text())
+    assert header["native_default"] == [256, 1] and header["native_launches"] == [[128, 2]]
+    printed = capsys.readouterr().out.split("native % of copy by launch setting")[1].splitlines()
+    assert [line.split()[0] for line in printed[1:]] == ["T=256", "T=128"]
+    native = [(r["update"], r["impl"]) for r in records if r["impl"].startswith("fastavg")]
+    assert native == [("ema", "fastavg-native"), ("ema", "fastavg-native T=128"),
+                      ("lawa", "fastavg-native"), ("lawa", "fastavg-native T=128 x2")]  # fmt: skip
+    assert hooks.state == [256, 1]
+
+
+def test_native_percentages_by_setting_fill_in_the_rows_a_setting_does_not_change():
+    def row(update, impl, pct):
+        return {"update": update, "dtype": "bfloat16", "impl": impl, "pct_of_copy": pct}
+
+    records = [row("ema", "fastavg-native", 90.6), row("ema", "fastavg-native T=128", 92.0),
+               row("ema", "fastavg-triton", 93.4), row("lawa", "fastavg-native", 88.9),
+               row("lawa", "fastavg-native T=128", 89.5), row("lawa", "fastavg-native T=256 x2", 91.0),
+               row("lawa", "fastavg-native T=128 x2", 91.5)]  # fmt: skip
+    table = native_launch.pct_of_copy_by_setting(records, [[128, 1], [256, 2], [128, 2]], [256, 1])
+    assert table == {
+        "T=256 (default)": {"ema bfloat16": 90.6, "lawa bfloat16": 88.9},
+        "T=128": {"ema bfloat16": 92.0, "lawa bfloat16": 89.5},
+        "T=256 x2": {"ema bfloat16": 90.6, "lawa bfloat16": 91.0},  # EMA ignores the unroll
+        "T=128 x2": {"ema bfloat16": 92.0, "lawa bfloat16": 91.5},
+    }
+    printed = report.native_launch_table(table).splitlines()
+    assert printed[4].split() == ["T=128", "x2", "lawa", "bfloat16", "91.5", "ema", "bfloat16", "92.0"]

@@ -91,6 +91,24 @@ def test_native_kernels_at_the_sweeps_settings(threads, unroll):
         tuning.set_unroll(previous[1])
 
 
+def test_benchmark_times_native_launch_settings_through_the_real_hooks():
+    """fastavg-bench --native-launch (run by gpu_check.sh): the CUDA build's hooks accept the sweep's
+    settings, refuse others before any timing, and are back at the defaults after a row."""
+    from fastavg.bench import cases, cli, native_launch
+
+    if "native" not in CUDA_BACKENDS:
+        pytest.skip(fastavg.available_backends("cuda")["native"])
+    hooks, cuda = native_launch.tuning_hooks(), torch.device("cuda")
+    assert hooks is not None and native_launch.current_settings(hooks) == (256, 1)
+    assert cli.resolve_native_launches(["128", "256x2", "128x2"], cuda, ["native"]) == [(128, 1), (256, 2), (128, 2)]
+    with pytest.raises(SystemExit, match="128x3"):
+        cli.resolve_native_launches(["128x3"], cuda, ["native"])
+    params = [torch.nn.Parameter(torch.randn(4099, device="cuda").bfloat16())]
+    cases.fastavg_case("swap", params, "native", launch=(128, 2)).step()
+    torch.cuda.synchronize()
+    assert native_launch.current_settings(hooks) == (256, 1)
+
+
 def _gpt2_sized_update_matches_torch_backend(dtype, backend, specs=SPECS):
     # Large tensors exercise the persistent grid (rows > programs) and 16-byte vector paths.
     shapes = [(50257, 768), (1024, 768), (768,), (768, 2304), (2304,), (7,)]

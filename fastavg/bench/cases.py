@@ -15,6 +15,8 @@ import torch
 
 import fastavg
 
+from . import native_launch
+
 UPDATES = ("ema", "swa", "lawa", "all", "swap")
 WINDOW = 5
 
@@ -49,19 +51,31 @@ def _specs(update: str) -> dict:
     return {"ema": every_step["ema"]} if update == "swap" else {update: every_step[update]}
 
 
-def fastavg_case(update: str, params: list[torch.Tensor], backend: str) -> Case:
-    """fastavg on ``backend``, timed through opt.step() (its Python side counts)."""
+def fastavg_case(update: str, params: list[torch.Tensor], backend: str, launch: tuple[int, int] | None = None) -> Case:
+    """fastavg on ``backend``, timed through opt.step() (its Python side counts). ``launch``: native
+    CUDA launches at (threads per block, unroll) during each call (native_launch), not the defaults."""
     opt = fastavg.wrap(_NoOpOptimizer(params), _specs(update), backend=backend)
     for _ in range(2):
         opt.step()
+    impl, note, step = f"fastavg-{backend}", "", opt.step
     if update == "swap":
 
-        def swap():
+        def step():
             with opt.averaged():
                 pass
 
-        return Case(f"fastavg-{backend}", swap, note="averaged() in and out")
-    return Case(f"fastavg-{backend}", opt.step)
+        note = "averaged() in and out"
+    if launch is not None:
+        hooks, timed = native_launch.tuning_hooks(), step
+        if backend != "native" or hooks is None:
+            raise ValueError("a launch setting needs the native backend's CUDA build (its tuning hooks)")
+
+        def step():  # four hook calls, 7 to 13 us on a CI-like CPU: hidden behind the kernels
+            with native_launch.launch_settings(hooks, *launch):
+                timed()
+
+        impl += f" {native_launch.label(*launch)}"
+    return Case(impl, step, note=note)
 
 
 def _averages_like(params, dtype):

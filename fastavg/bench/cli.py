@@ -11,7 +11,7 @@ import torch
 
 import fastavg
 
-from . import cases, report
+from . import cases, native_launch, report
 from .shapes import GPT2_SIZES, gpt2_shapes, parameter_shapes
 from .timing import copy_bandwidth_gbps, interleaved_median_ms
 
@@ -30,6 +30,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES))
     parser.add_argument("--update", nargs="+", default=list(cases.UPDATES), choices=cases.UPDATES)
     parser.add_argument("--backends", nargs="+", choices=fastavg.ops.BACKEND_NAMES, help="default: every available one")
+    parser.add_argument(
+        "--native-launch",
+        nargs="+",
+        default=[],
+        metavar="SETTING",
+        help="also time the native CUDA kernels at these launch settings, THREADS or THREADSxUNROLL "
+        "(threads per block; vectors per thread per pass, a multiple of the default, for LAWA alone and "
+        "swap): e.g. 128 256x2. Rows 'fastavg-native T=128', ...",
+    )
     parser.add_argument(
         "--repeats", type=int, default=None, help="timed samples (default 30 on GPU, 5 calls each; 10 on CPU)"
     )
@@ -76,6 +85,33 @@ def resolve_backends(requested, device: torch.device) -> list[str]:
     return list(requested)
 
 
+def resolve_native_launches(texts: list[str], device: torch.device, backends: list[str]) -> list[tuple[int, int]]:
+    """``--native-launch``: (threads, unroll) settings the CUDA build accepts; a clear error otherwise,
+    before anything is timed."""
+    if not texts:
+        return []
+    hooks = native_launch.tuning_hooks()
+    if device.type != "cuda" or "native" not in backends or hooks is None:
+        raise SystemExit("fastavg-bench: --native-launch needs a CUDA device and the native backend's CUDA build")
+    settings = []
+    for text in texts:
+        try:
+            setting = native_launch.parse_setting(text)
+            with native_launch.launch_settings(hooks, *setting):  # the hooks refuse what the kernels cannot run
+                pass
+        except ValueError as err:
+            raise SystemExit(f"fastavg-bench: --native-launch {text}: {err}") from None
+        settings.append(setting)
+    return settings
+
+
+def launches_for(update: str, settings: list[tuple[int, int]], default: tuple[int, int]) -> list[tuple[int, int]]:
+    """The settings that change ``update``'s native launches: each once, the default left out (the
+    plain native row times it), the unroll only where it applies."""
+    distinct = dict.fromkeys(native_launch.effective(update, s) for s in settings)
+    return [s for s in distinct if s != default]
+
+
 def header_record(device: torch.device, label: str, shapes, copy_gbps: float) -> dict:
     try:
         import triton
@@ -100,14 +136,16 @@ def header_record(device: torch.device, label: str, shapes, copy_gbps: float) ->
     }
 
 
-def run_dtype(update, dtype, shapes, device, backends, repeats, warmup, copy_gbps) -> list[dict]:
-    """Every implementation of one update for one parameter dtype, as records."""
+def run_dtype(update, dtype, shapes, device, backends, repeats, warmup, copy_gbps, launches=()) -> list[dict]:
+    """Every implementation of one update for one parameter dtype, as records; ``launches``: native
+    CUDA launch settings (threads, unroll) to time beside the default."""
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, device=device).to(dtype)) for s in shapes]
     average_dtype = torch.float32
     numel = sum(p.numel() for p in params)
     bytes_per_element = cases.minimal_bytes_per_element(update, params[0].element_size(), 4)
     makers = [lambda b=b: cases.fastavg_case(update, params, b) for b in backends]
+    makers += [lambda s=s: cases.fastavg_case(update, params, "native", launch=s) for s in launches]
     makers += [
         lambda: cases.stock_case(update, params, average_dtype),
         lambda: cases.loop_case(update, params, average_dtype),
@@ -172,16 +210,25 @@ def main(argv=None) -> None:
     if args.train_step:
         run_train_step(args, device, backends, repeats, warmup)
         return
+    settings = resolve_native_launches(args.native_launch, device, backends)
+    default = native_launch.current_settings(native_launch.tuning_hooks()) if settings else None
     copy_bytes = (1 << 30) if gpu else (1 << 26 if args.quick else 1 << 28)
     copy_gbps = copy_bandwidth_gbps(device, copy_bytes, repeats, warmup)
     header = header_record(device, label, shapes, copy_gbps)
+    if settings:
+        header["native_default"], header["native_launches"] = list(default), [list(s) for s in settings]
     records = []
     for dtype_name in args.dtype:
         for update in args.update:
-            records += run_dtype(update, DTYPES[dtype_name], shapes, device, backends, repeats, warmup, copy_gbps)
+            launches = launches_for(update, settings, default)
+            records += run_dtype(
+                update, DTYPES[dtype_name], shapes, device, backends, repeats, warmup, copy_gbps, launches
+            )
             if gpu:
                 torch.cuda.empty_cache()
     print(report.table(header, records))
+    if settings:
+        print(report.native_launch_table(native_launch.pct_of_copy_by_setting(records, settings, default)))
     if args.json:
         report.write_json(args.json, header, records)
     if args.csv:

@@ -19,15 +19,25 @@ def table(header: dict, records: list[dict]) -> str:
         f"{header['device_name']} | torch {header['torch']} | triton {header['triton']} | "
         f"{header['params']} ({header['tensors']} tensors, {header['numel']:,} elements) | "
         f"copy {header['copy_gbps']:.1f} GB/s",
-        f"{'update':6} {'impl':16} {'dtype':9} {'ms':>9} {'GB/s':>8} {'%copy':>6} {'vs stock':>8} {'vs AvgM':>8}  note",
+        f"{'update':6} {'impl':23} {'dtype':9} {'ms':>9} {'GB/s':>8} {'%copy':>6} {'vs stock':>8} {'vs AvgM':>8}  note",
     ]
     for r in records:
         note = r["note"] + ("" if r["same_numerics"] else " [other numerics]")
         lines.append(
-            f"{r['update']:6} {r['impl']:16} {r['dtype']:9} {r['median_ms']:9.3f} {r['gbps']:8.1f} "
+            f"{r['update']:6} {r['impl']:23} {r['dtype']:9} {r['median_ms']:9.3f} {r['gbps']:8.1f} "
             f"{r['pct_of_copy']:6.1f} {_fmt(r['speedup_vs_stock'], '8.2f'):>8} "
             f"{_fmt(r['speedup_vs_averaged_model'], '8.2f'):>8}  {note}"
         )
+    return "\n".join(lines)
+
+
+def native_launch_table(by_setting: dict[str, dict[str, float]]) -> str:
+    """Native's % of copy at each launch setting (native_launch.pct_of_copy_by_setting), one line per
+    setting, its worst row first."""
+    lines = ["native % of copy by launch setting (worst first):"]
+    for name, pcts in by_setting.items():
+        cells = "  ".join(f"{row} {pct:.1f}" for row, pct in sorted(pcts.items(), key=lambda item: item[1]))
+        lines.append(f"  {name:14} {cells}")
     return "\n".join(lines)
 
 

@@ -1,0 +1,87 @@
+"""The native CUDA kernels' launch settings, for the benchmarks: threads per block, and the unroll
+(vectors per thread per pass, as a multiple of the default).
+
+They are process-wide tuning hooks of the CUDA build (``torch.ops.fastavg_native_tuning``): the
+benchmarks set them around a call, so native rows at other settings are timed in the same run as
+the default ones, against the same copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+
+import torch
+
+# The updates whose native kernels set_unroll changes: ring-only updates (LAWA alone) and the vector
+# swaps. Every other kernel has one instance and ignores it.
+UNROLLED = ("lawa", "swap")
+
+
+def tuning_hooks():
+    """The native CUDA build's hooks (set_block_threads, set_unroll), or None where the build has
+    none: no CUDA kernels, or no native extension at all."""
+    from .. import native_backend  # noqa: F401  (loading fastavg._C registers the hooks)
+
+    hooks = torch.ops.fastavg_native_tuning
+    return hooks if hasattr(hooks, "set_unroll") else None
+
+
+@contextlib.contextmanager
+def launch_settings(hooks, threads: int, unroll: int):
+    """Native launches at ``threads`` per block and ``unroll`` times the default vectors per thread
+    per pass inside the block, then the settings before."""
+    previous_threads = hooks.set_block_threads(threads)
+    try:  # a refused unroll must not leave the threads changed
+        previous_unroll = hooks.set_unroll(unroll)
+        try:
+            yield
+        finally:
+            hooks.set_unroll(previous_unroll)
+    finally:
+        hooks.set_block_threads(previous_threads)
+
+
+def current_settings(hooks) -> tuple[int, int]:
+    """(threads per block, unroll) that launches use now."""
+    threads, unroll = hooks.set_block_threads(128), hooks.set_unroll(1)
+    hooks.set_block_threads(threads)
+    hooks.set_unroll(unroll)
+    return threads, unroll
+
+
+def parse_setting(text: str) -> tuple[int, int]:
+    """``"128"`` -> (128, 1); ``"128x2"`` -> (128, 2). The hooks check the values themselves."""
+    match = re.fullmatch(r"(\d+)(?:x(\d+))?", text)
+    if match is None:
+        raise ValueError(f"{text!r} is not THREADS or THREADSxUNROLL (e.g. 128 or 256x2)")
+    return int(match[1]), int(match[2] or 1)
+
+
+def label(threads: int, unroll: int) -> str:
+    """A row's name for a setting: ``T=128``, ``T=256 x2``."""
+    return f"T={threads}" + (f" x{unroll}" if unroll > 1 else "")
+
+
+def effective(update: str, setting: tuple[int, int]) -> tuple[int, int]:
+    """The setting as ``update``'s kernels see it: the unroll changes only LAWA alone and swap."""
+    threads, unroll = setting
+    return threads, unroll if update in UNROLLED else 1
+
+
+def pct_of_copy_by_setting(records: list[dict], settings, default) -> dict[str, dict[str, float]]:
+    """Native's % of copy per launch setting (the default first), per "update dtype": a setting's own
+    row where it changes the update's launches, else the row of the setting it equals there. The
+    default can move to the setting whose worst row is best, with its numbers already measured."""
+    rows = {(r["update"], r["dtype"], r["impl"]): r["pct_of_copy"] for r in records}
+    default = tuple(default)
+    table = {}
+    for setting in dict.fromkeys([default, *map(tuple, settings)]):
+        name = label(*setting) + (" (default)" if setting == default else "")
+        table[name] = {}
+        for update, dtype in dict.fromkeys((r["update"], r["dtype"]) for r in records):
+            runs = effective(update, setting)
+            impl = "fastavg-native" + ("" if runs == default else f" {label(*runs)}")
+            if (update, dtype, impl) in rows:
+                table[name][f"{update} {dtype}"] = round(rows[(update, dtype, impl)], 1)
+    return table
