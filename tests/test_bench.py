@@ -285,3 +285,35 @@ def test_native_percentages_by_setting_fill_in_the_rows_a_setting_does_not_chang
     }
     printed = report.native_launch_table(table).splitlines()
     assert printed[4].split() == ["T=128", "x2", "lawa", "bfloat16", "91.5", "ema", "bfloat16", "92.0"]
+
+
+def test_gpu_check_script_parses_and_summarises_a_run(tmp_path):
+    """bench/gpu_check.sh runs only on a lent GPU, once per lease: a typo there costs the lease. Here:
+    bash parses it, and its summary step reads a run's files (a recorded benchmark, a native launch
+    setting added) into summary.json."""
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    script = (root / "bench" / "gpu_check.sh").read_text()
+    assert subprocess.run(["bash", "-n", str(root / "bench" / "gpu_check.sh")]).returncode == 0
+    summary_code = script.split("<<'PY'\n", 1)[1].split("\nPY\n", 1)[0]
+    header, *records = json.loads((root / "bench" / "results" / "2026-11-28-h200-run5.json").read_text())
+    header.update(native_default=[256, 1], native_launches=[[128, 1]])
+    faster = [dict(r, impl="fastavg-native T=128", pct_of_copy=r["pct_of_copy"] + 1) for r in records
+              if r["impl"] == "fastavg-native"]  # fmt: skip
+    (tmp_path / "bench_gpt2.json").write_text(json.dumps([header, *records, *faster]))
+    result = subprocess.run([sys.executable, "-c", summary_code, str(tmp_path), "0", "0"], capture_output=True,
+                            text=True, cwd=root)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["copy_gbps"] == header["copy_gbps"]
+    assert summary["fastavg_pct_of_copy"]["fastavg-native lawa bfloat16"] == 88.9
+    by_launch = summary["native_pct_of_copy_by_launch"]
+    assert by_launch["T=256 (default)"]["lawa bfloat16"] == 88.9 and by_launch["T=128"]["lawa bfloat16"] == 89.9
+    assert "no junit report" in summary["tests"]  # what the run did not leave is said, not fatal
+    (tmp_path / "bench_gpt2.json").unlink()  # a benchmark that never wrote its file
+    subprocess.run([sys.executable, "-c", summary_code, str(tmp_path), "0", "0"], capture_output=True, cwd=root)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert "no bench results" in summary["bench"] and "native_pct_of_copy_by_launch" not in summary
