@@ -210,6 +210,9 @@ def test_native_launches_per_update_skip_the_default_and_repeats():
     assert cli.launches_for("all", settings, (256, 1)) == [(128, 1)]
     for update in ("lawa", "swap"):
         assert cli.launches_for(update, settings, (256, 1)) == [(128, 1), (256, 2), (128, 2)]
+    # A default that unrolls: EMA's kernels run it as T=128, so only 256 is new there.
+    assert cli.launches_for("ema", settings, (128, 2)) == [(256, 1)]
+    assert cli.launches_for("lawa", settings, (128, 2)) == [(128, 1), (256, 2), (256, 1)]
 
 
 def test_native_launch_needs_the_cuda_build(monkeypatch):
@@ -283,6 +286,11 @@ def test_native_percentages_by_setting_fill_in_the_rows_a_setting_does_not_chang
         "T=256 x2": {"ema bfloat16": 90.6, "lawa bfloat16": 91.0},  # EMA ignores the unroll
         "T=128 x2": {"ema bfloat16": 92.0, "lawa bfloat16": 91.5},
     }
+    # Were the default 128x2, EMA's plain row would be its T=128 and the T=128 row its T=256.
+    records_then = [dict(r, impl={"fastavg-native": "fastavg-native T=256", "fastavg-native T=128": "fastavg-native"}
+                         .get(r["impl"], r["impl"])) for r in records if r["update"] == "ema"]  # fmt: skip
+    then = native_launch.pct_of_copy_by_setting(records_then, [[256, 1]], [128, 2])
+    assert then == {"T=128 x2 (default)": {"ema bfloat16": 92.0}, "T=256": {"ema bfloat16": 90.6}}
     printed = report.native_launch_table(table).splitlines()
     assert printed[4].split() == ["T=128", "x2", "lawa", "bfloat16", "91.5", "ema", "bfloat16", "92.0"]
 

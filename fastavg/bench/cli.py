@@ -109,7 +109,7 @@ def launches_for(update: str, settings: list[tuple[int, int]], default: tuple[in
     """The settings that change ``update``'s native launches: each once, the default left out (the
     plain native row times it), the unroll only where it applies."""
     distinct = dict.fromkeys(native_launch.effective(update, s) for s in settings)
-    return [s for s in distinct if s != default]
+    return [s for s in distinct if s != native_launch.effective(update, tuple(default))]
 
 
 def header_record(device: torch.device, label: str, shapes, copy_gbps: float) -> dict:

@@ -81,7 +81,7 @@ def pct_of_copy_by_setting(records: list[dict], settings, default) -> dict[str, 
         table[name] = {}
         for update, dtype in dict.fromkeys((r["update"], r["dtype"]) for r in records):
             runs = effective(update, setting)
-            impl = "fastavg-native" + ("" if runs == default else f" {label(*runs)}")
+            impl = "fastavg-native" + ("" if runs == effective(update, default) else f" {label(*runs)}")
             if (update, dtype, impl) in rows:
                 table[name][f"{update} {dtype}"] = round(rows[(update, dtype, impl)], 1)
     return table
