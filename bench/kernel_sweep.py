@@ -18,7 +18,7 @@ import torch
 
 import fastavg
 from fastavg.bench.cases import fastavg_case, minimal_bytes_per_element
-from fastavg.bench.native_launch import UNROLLED, label, launch_settings, tuning_hooks
+from fastavg.bench.native_launch import distinct, label, launch_settings, tuning_hooks
 from fastavg.bench.shapes import gpt2_shapes
 from fastavg.bench.timing import copy_bandwidth_gbps, median_ms
 from fastavg.table import build_table
@@ -67,7 +67,7 @@ def native_rows(name, fn, tuning, threads, unrolls) -> dict:
     unroll) to set, or None where the build has no tuning hooks: the CPU, or no CUDA kernels)."""
     if tuning is None:
         return {"native": (fn, None)}
-    settings = itertools.product(threads, unrolls if name in UNROLLED else [1])
+    settings = distinct(name, itertools.product(threads, unrolls))
     return {f"native {label(t, u)}": (fn, (t, u)) for t, u in settings}
 
 

@@ -108,8 +108,7 @@ def resolve_native_launches(texts: list[str], device: torch.device, backends: li
 def launches_for(update: str, settings: list[tuple[int, int]], default: tuple[int, int]) -> list[tuple[int, int]]:
     """The settings that change ``update``'s native launches: each once, the default left out (the
     plain native row times it), the unroll only where it applies."""
-    distinct = dict.fromkeys(native_launch.effective(update, s) for s in settings)
-    return [s for s in distinct if s != native_launch.effective(update, tuple(default))]
+    return [s for s in native_launch.distinct(update, settings) if s != native_launch.effective(update, tuple(default))]
 
 
 def header_record(device: torch.device, label: str, shapes, copy_gbps: float) -> dict:

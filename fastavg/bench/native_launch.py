@@ -69,6 +69,11 @@ def effective(update: str, setting: tuple[int, int]) -> tuple[int, int]:
     return threads, unroll if update in UNROLLED else 1
 
 
+def distinct(update: str, settings) -> list[tuple[int, int]]:
+    """``settings`` as ``update``'s kernels see them (effective), each once, in order."""
+    return list(dict.fromkeys(effective(update, tuple(s)) for s in settings))
+
+
 def pct_of_copy_by_setting(records: list[dict], settings, default) -> dict[str, dict[str, float]]:
     """Native's % of copy per launch setting (the default first), per "update dtype": a setting's own
     row where it changes the update's launches, else the row of the setting it equals there. The
