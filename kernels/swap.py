@@ -33,11 +33,14 @@ def _swap_block(p_ptr, flat, mask, backup, source, stride, count,
     if MODE == 2:  # RESTORE: p = backup
         store(p_ptr, load(backup + flat, mask, MASKED), mask, MASKED)
     else:
-        store(backup + flat, load(p_ptr, mask, MASKED), mask, MASKED)
+        # Both reads before the first store: a store between them would keep the second read
+        # waiting for the first one's round trip (update.py's _block).
+        p = load(p_ptr, mask, MASKED)
         if MODE == 1:  # FROM_RING
             value = _ring_mean(source, flat, mask, stride, count, AVG_DTYPE, MASKED)
         else:
             value = load(source + flat, mask, MASKED)
+        store(backup + flat, p, mask, MASKED)
         store(p_ptr, cast(value, p_ptr.dtype.element_ty), mask, MASKED)
 
 

@@ -25,28 +25,39 @@ def _lerp(average, p, w, copy):
 
 
 @triton.jit
-def _lerp_into(a, flat, mask, p, w, copy, MATH: tl.constexpr, MASKED: tl.constexpr):
-    average = load(a + flat, mask, MASKED).to(MATH)
-    store(a + flat, cast(_lerp(average, p, w, copy), a.dtype.element_ty), mask, MASKED)
+def _lerp_store(a, flat, mask, average, p, w, copy, MATH: tl.constexpr, MASKED: tl.constexpr):
+    store(a + flat, cast(_lerp(average.to(MATH), p, w, copy), a.dtype.element_ty), mask, MASKED)
 
 
 @triton.jit
 def _block(p_ptr, flat, mask, a0, a1, a2, a3, w0, w1, w2, w3, c0, c1, c2, c3, r0, r1,
            N_AVG: tl.constexpr, N_RING: tl.constexpr, MATH: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
+    # Every load before the first store. The compiler keeps loads and stores to pointers that may
+    # alias in program order, so a store between two loads made each iteration wait out one memory
+    # round trip per buffer (the SASS of EMA+SWA+LAWA: p, then a0 after the ring store, then a1
+    # after a0's store); loaded together, the buffers' round trips overlap.
     p = load(p_ptr, mask, MASKED)
+    if N_AVG >= 1:
+        v0 = load(a0 + flat, mask, MASKED)
+    if N_AVG >= 2:
+        v1 = load(a1 + flat, mask, MASKED)
+    if N_AVG >= 3:
+        v2 = load(a2 + flat, mask, MASKED)
+    if N_AVG >= 4:
+        v3 = load(a3 + flat, mask, MASKED)
     if N_RING >= 1:
         store(r0 + flat, p, mask, MASKED)
     if N_RING >= 2:
         store(r1 + flat, p, mask, MASKED)
     p = p.to(MATH)
     if N_AVG >= 1:
-        _lerp_into(a0, flat, mask, p, w0, c0, MATH, MASKED)
+        _lerp_store(a0, flat, mask, v0, p, w0, c0, MATH, MASKED)
     if N_AVG >= 2:
-        _lerp_into(a1, flat, mask, p, w1, c1, MATH, MASKED)
+        _lerp_store(a1, flat, mask, v1, p, w1, c1, MATH, MASKED)
     if N_AVG >= 3:
-        _lerp_into(a2, flat, mask, p, w2, c2, MATH, MASKED)
+        _lerp_store(a2, flat, mask, v2, p, w2, c2, MATH, MASKED)
     if N_AVG >= 4:
-        _lerp_into(a3, flat, mask, p, w3, c3, MATH, MASKED)
+        _lerp_store(a3, flat, mask, v3, p, w3, c3, MATH, MASKED)
 
 
 # The copy flags and the row count are not specialised on (Triton compiles a variant for an int
@@ -83,11 +94,11 @@ def update_kernel(table, n_rows, a0, a1, a2, a3, h0, l0, c0, h1, l1, c1, h2, l2,
 
 # Elements per inner iteration: BLOCK (8 per thread at 4 warps) for one buffer (EMA alone, or one
 # ring); half that for two or more (averages and rings), whose registers at BLOCK leave fewer
-# programs per SM (triton 3.6 ptxas, sm_90, bf16 -> fp32, 1024 against 512: EMA+SWA+LAWA 94 against
-# 48; EMA + LAWA 64 against 40, 8 programs per SM against 12). H200 kernel sweep (run 3):
-# EMA+SWA+LAWA 0.656 ms at 512 vs 0.674 at 1024; rings alone 0.131 ms at 1024 vs 0.134 at 2048
-# (the 2048 used until then); EMA 0.315 to 0.319 ms at every block from 512 to 4096. EMA + LAWA is
-# inferred from the registers, not timed yet (the sweep's "ema+lawa" rows).
+# programs per SM. H200 kernel sweep (run 3, stores still between the loads): EMA+SWA+LAWA 0.656 ms
+# at 512 (48 registers) vs 0.674 at 1024 (94); rings alone 0.131 ms at 1024 vs 0.134 at 2048; EMA
+# 0.315 to 0.319 ms at every block from 512 to 4096. With every load first (_block), triton 3.6
+# ptxas, sm_90, bf16 -> fp32, 1024 against 512: EMA+SWA+LAWA 66 against 48 registers, EMA + SWA 72
+# against 40, EMA + LAWA 42 against 40; not timed yet (the sweep's rows at both blocks).
 MANY_BUFFERS_BLOCK = BLOCK // 2
 
 

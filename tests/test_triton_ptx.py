@@ -115,6 +115,32 @@ def test_swap_kernel_vectorises(arch, mode):
     assert counts["ld.global.b16"] > 0, counts  # the masked path stays scalar
 
 
+def _reads_before_first_write(loop: str) -> tuple[int, int]:
+    """(loads before the aligned loop body's first store, loads in the body)."""
+    first_store = loop.index("tt.store")
+    return loop[:first_store].count("tt.load "), loop.count("tt.load ")
+
+
+@compiling
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("n_avg, n_ring", [(1, 1), (2, 0), (2, 1), (4, 2)])
+def test_update_kernel_reads_every_buffer_before_writing_any(arch, n_avg, n_ring):
+    """Loads and stores through pointers that may alias stay in program order, so a store between
+    two loads makes each iteration wait one memory round trip per buffer: the SASS of EMA+SWA+LAWA
+    had three, one after another (p; a0 after the ring store; a1 after a0's store)."""
+    constexprs = dict(P_DTYPE=tl.bfloat16, MATH=tl.float32, N_AVG=n_avg, N_RING=n_ring, BLOCK=BLOCK, VEC=4)
+    loop = _aligned_loop(update.update_kernel, _update_signature(), constexprs, arch)
+    assert _reads_before_first_write(loop) == (1 + n_avg, 1 + n_avg)
+
+
+@compiling
+@pytest.mark.parametrize("arch", ARCHS)
+def test_swap_kernel_reads_both_buffers_before_writing(arch):
+    sig = {"table": "*i64", "n_rows": "i32", "backup": "*bf16", "source": "*fp32", "stride": "i64", "count": "i32"}
+    consts = {"P_DTYPE": tl.bfloat16, "AVG_DTYPE": tl.float32, "MODE": swap.FROM_AVERAGE, "BLOCK": BLOCK, "VEC": 4}
+    assert _reads_before_first_write(_aligned_loop(swap.swap_kernel, sig, consts, arch)) == (2, 2)
+
+
 @compiling
 @pytest.mark.parametrize("arch", ARCHS)
 def test_ring_mean_kernel_vectorises(arch):
