@@ -79,7 +79,8 @@ def test_quick_run_writes_every_output(tmp_path, capsys):
     assert all(r["median_ms"] > 0 and r["gbps"] > 0 for r in records)
     bf16_model = [r for r in records if r["impl"] == "AveragedModel" and r["dtype"] == "bfloat16"]
     assert bf16_model and not bf16_model[0]["same_numerics"]  # said plainly: it keeps bf16 averages
-    assert len(list(csv.DictReader(out["csv"].open()))) == len(records)
+    with out["csv"].open() as f:
+        assert len(list(csv.DictReader(f))) == len(records)
     assert out["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
