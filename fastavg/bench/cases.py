@@ -54,6 +54,9 @@ def _specs(update: str) -> dict:
 def fastavg_case(update: str, params: list[torch.Tensor], backend: str, launch: tuple[int, int] | None = None) -> Case:
     """fastavg on ``backend``, timed through opt.step() (its Python side counts). ``launch``: native
     CUDA launches at (threads per block, unroll) during each call (native_launch), not the defaults."""
+    hooks = native_launch.tuning_hooks() if launch is not None else None
+    if launch is not None and (backend != "native" or hooks is None):  # refused before anything is built
+        raise ValueError("a launch setting needs the native backend's CUDA build (its tuning hooks)")
     opt = fastavg.wrap(_NoOpOptimizer(params), _specs(update), backend=backend)
     for _ in range(2):
         opt.step()
@@ -66,9 +69,7 @@ def fastavg_case(update: str, params: list[torch.Tensor], backend: str, launch: 
 
         note = "averaged() in and out"
     if launch is not None:
-        hooks, timed = native_launch.tuning_hooks(), step
-        if backend != "native" or hooks is None:
-            raise ValueError("a launch setting needs the native backend's CUDA build (its tuning hooks)")
+        timed = step
 
         def step():  # four hook calls, 7 to 13 us on a CI-like CPU: hidden behind the kernels
             with native_launch.launch_settings(hooks, *launch):
