@@ -106,6 +106,7 @@ header, records = {}, []
 try:
     header, *records = json.load(open(f"{out}/bench_gpt2.json"))
     summary["copy_gbps"] = header["copy_gbps"]
+    summary["bench_complete"] = header.get("complete")  # false: stopped part way, these rows kept
     summary["fastavg_pct_of_copy"] = {f"{r['impl']} {r['update']} {r['dtype']}": round(r["pct_of_copy"], 1)
                                       for r in records if r["impl"].startswith("fastavg")}
     summary["fastavg_speedup_vs_stock"] = {f"{r['impl']} {r['update']} {r['dtype']}": round(r["speedup_vs_stock"], 2)

@@ -25,7 +25,8 @@ def table_for(path: str) -> str:
     lines = [
         f"**{header['device_name']}** ({header['date']}; torch {header['torch']}, triton {header['triton']}, "
         f"CUDA {header['cuda']}; {header['params']}: {header['tensors']} tensors, {header['numel']:,} elements; "
-        f"measured copy {header['copy_gbps']:.0f} GB/s). Source: `{os.path.relpath(path, ROOT)}`",
+        f"measured copy {header['copy_gbps']:.0f} GB/s). Source: `{os.path.relpath(path, ROOT)}`"
+        + ("; **stopped part way**: the rows below are what it measured" if header.get("complete") is False else ""),
         "",
         "| update | params | impl | ms | GB/s | % of copy | vs stock | vs AveragedModel |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",

@@ -69,6 +69,7 @@ def test_quick_run_writes_every_output(tmp_path, capsys):
     assert "fastavg-torch" in table and "stock-foreach" in table and "AveragedModel" in table
     header, *records = json.loads(out["json"].read_text())
     assert header["record"] == "header" and header["copy_gbps"] > 0 and header["torch"] == torch.__version__
+    assert header["complete"]
     assert records and all(REQUIRED <= set(r) for r in records)
     assert {r["update"] for r in records} == {"ema", "lawa"} and {r["dtype"] for r in records} == {
         "bfloat16",
@@ -82,6 +83,26 @@ def test_quick_run_writes_every_output(tmp_path, capsys):
     with out["csv"].open() as f:
         assert len(list(csv.DictReader(f))) == len(records)
     assert out["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_run_stopped_part_way_keeps_what_it_measured(monkeypatch, tmp_path, capsys):
+    # gpu_check.sh gives the benchmark a time limit; the updates timed before it hits stay on disk.
+    run_dtype = cli.run_dtype
+
+    def stopped_at_swa(update, *args):
+        if update == "swa":
+            raise KeyboardInterrupt  # what timeout's SIGTERM stands for here: the process ends
+        return run_dtype(update, *args)
+
+    monkeypatch.setattr(cli, "run_dtype", stopped_at_swa)
+    path = tmp_path / "b.json"
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["--quick", "--backends", "torch", "--update", "ema", "swa", "--dtype", "bf16", "--json", str(path)])
+    header, *records = json.loads(path.read_text())
+    assert header["complete"] is False
+    assert records and {r["update"] for r in records} == {"ema"}
+    assert "fastavg-torch" in capsys.readouterr().out  # the EMA rows were printed as they came
+    assert "stopped part way" in _bench_script("make_table").table_for(str(path))  # and the README says so
 
 
 @pytest.mark.parametrize(
@@ -147,21 +168,21 @@ def test_readme_table_is_generated_from_the_recorded_results():
     assert list((root / "bench" / "results").glob("*.json")), "no recorded benchmark run"
 
 
-def _kernel_sweep():
-    """bench/kernel_sweep.py as a module (a script, not part of the package)."""
+def _bench_script(name: str = "kernel_sweep"):
+    """bench/<name>.py as a module (a script, not part of the package)."""
     import importlib.util
     import pathlib
 
-    path = pathlib.Path(__file__).resolve().parent.parent / "bench" / "kernel_sweep.py"
-    spec = importlib.util.spec_from_file_location("kernel_sweep", path)
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
-    return sweep
+    path = pathlib.Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_kernel_sweep_runs_every_kernel(capsys):
     """bench/kernel_sweep.py (run on GPUs by gpu_check.sh): its smoke mode here, every row printed."""
-    sweep = _kernel_sweep()
+    sweep = _bench_script()
     sweep.main(["--device", "cpu", "--quick", "--repeats", "1", "--blocks", "1024", "--warps", "4"])
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
     available = [b for b, why in fastavg.available_backends("cpu").items() if why is None]
@@ -178,7 +199,7 @@ def test_kernel_sweep_runs_every_kernel(capsys):
 def test_kernel_sweep_native_rows_set_and_restore_their_tuning():
     """On a GPU the sweep times the native kernels at each threads-per-block and unroll setting
     (unroll only where set_unroll applies), through the build's tuning hooks, and restores them."""
-    sweep = _kernel_sweep()
+    sweep = _bench_script()
 
     tuning = FakeTuningHooks()
     lawa = sweep.native_rows("lawa", print, tuning, [256, 128], [1, 2])
@@ -318,6 +339,7 @@ def test_gpu_check_script_parses_and_summarises_a_run(tmp_path):
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["copy_gbps"] == header["copy_gbps"]
+    assert summary["bench_complete"] is None  # run 5 wrote its file once, before the flag existed
     assert summary["fastavg_pct_of_copy"]["fastavg-native lawa bfloat16"] == 88.9
     by_launch = summary["native_pct_of_copy_by_launch"]
     assert by_launch["T=256 (default)"]["lawa bfloat16"] == 88.9 and by_launch["T=128"]["lawa bfloat16"] == 89.9

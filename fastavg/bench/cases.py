@@ -114,8 +114,12 @@ def stock_case(update: str, params: list[torch.Tensor], average_dtype: torch.dty
             torch._foreach_copy_(params, ema)
             torch._foreach_copy_(params, backup)
 
-    note = "cast pass + foreach" if cast else "foreach"
-    return Case("stock-foreach", step, note=note if update != "lawa" else "foreach copy into a ring")
+    notes = {
+        "lawa": "foreach copy into a ring",
+        # fastavg's averaged() allocates its backup per call (on the CPU: page faults, README).
+        "swap": "foreach copies (casting), backup kept between calls",
+    }
+    return Case("stock-foreach", step, note=notes.get(update, "cast pass + foreach" if cast else "foreach"))
 
 
 def loop_case(update: str, params: list[torch.Tensor], average_dtype: torch.dtype) -> Case | None:

@@ -216,16 +216,23 @@ def main(argv=None) -> None:
     header = header_record(device, label, shapes, copy_gbps)
     if settings:
         header["native_default"], header["native_launches"] = list(default), [list(s) for s in settings]
+    header["complete"] = False
+    print(report.table_head(header), flush=True)
     records = []
     for dtype_name in args.dtype:
         for update in args.update:
             launches = launches_for(update, settings, default)
-            records += run_dtype(
+            measured = run_dtype(
                 update, DTYPES[dtype_name], shapes, device, backends, repeats, warmup, copy_gbps, launches
             )
+            records += measured
+            # Each update's rows as soon as they exist, on screen and on disk.
+            print(report.table_rows(measured), flush=True)
+            if args.json:
+                report.write_json(args.json, header, records)
             if gpu:
                 torch.cuda.empty_cache()
-    print(report.table(header, records))
+    header["complete"] = True
     if settings:
         print(report.native_launch_table(native_launch.pct_of_copy_by_setting(records, settings, default)))
     if args.json:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 FIELDS = ["update", "impl", "dtype", "numel", "median_ms", "gbps", "pct_of_copy", "speedup_vs_stock",
           "speedup_vs_averaged_model", "bytes_per_element", "same_numerics", "note"]  # fmt: skip
@@ -13,14 +14,19 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def table(header: dict, records: list[dict]) -> str:
-    """A plain-text table of every record, under a line naming the device and the copy bandwidth."""
-    lines = [
+def table_head(header: dict) -> str:
+    """The table's first lines: the device and the copy bandwidth, then the column names."""
+    return "\n".join([
         f"{header['device_name']} | torch {header['torch']} | triton {header['triton']} | "
         f"{header['params']} ({header['tensors']} tensors, {header['numel']:,} elements) | "
         f"copy {header['copy_gbps']:.1f} GB/s",
         f"{'update':6} {'impl':23} {'dtype':9} {'ms':>9} {'GB/s':>8} {'%copy':>6} {'vs stock':>8} {'vs AvgM':>8}  note",
-    ]
+    ])  # fmt: skip
+
+
+def table_rows(records: list[dict]) -> str:
+    """One table line per record (under table_head)."""
+    lines = []
     for r in records:
         note = r["note"] + ("" if r["same_numerics"] else " [other numerics]")
         lines.append(
@@ -42,9 +48,13 @@ def native_launch_table(by_setting: dict[str, dict[str, float]]) -> str:
 
 
 def write_json(path: str, header: dict, records: list[dict]) -> None:
-    """A list: one header record (device, versions, copy bandwidth) then one record per measurement."""
-    with open(path, "w") as f:
+    """A list: one header record (device, versions, copy bandwidth) then one record per measurement.
+    The benchmark rewrites it after each update it times, its header's "complete" false until the
+    last: a run stopped part way (a time limit on a lent GPU) keeps what it measured."""
+    partial = f"{path}.partial"
+    with open(partial, "w") as f:
         json.dump([header, *records], f, indent=1)
+    os.replace(partial, path)  # whole or not at all: the limit may stop the run during a write
 
 
 def write_csv(path: str, records: list[dict]) -> None:
