@@ -19,9 +19,11 @@
 namespace fastavg {
 namespace cuda {
 
-// Threads per block: the most any launch uses (launch bounds: registers are allocated for it) and
-// the default; bench/kernel_sweep.py also times fewer (set_block_threads).
+// Threads per block: the most any launch uses (launch bounds: registers are allocated for it), and
+// the default of update and swap launches (ops_cuda.cu says why 128); set_block_threads takes any
+// multiple of 32 up to kThreads, which bench/kernel_sweep.py and fastavg-bench --native-launch time.
 constexpr int kThreads = 256;
+constexpr int kDefaultThreads = 128;
 
 // Conversions as torch rounds them: 16-bit types through float, to nearest even.
 template <typename T>
@@ -67,9 +69,9 @@ constexpr int kAccessWidth = 16 / (sizeof(A) > sizeof(P) ? sizeof(A) : sizeof(P)
 template <int V, int NA>
 constexpr int kVectorsPerPass = NA >= 2 || V >= 8 ? 1 : 8 / V;
 
-// A multiple of those vectors, for tuning (set_unroll): Unroll 2 puts two 16-byte loads in flight
-// per thread where the default has one (LAWA alone, swap back). Compiled for the ring-only updates
-// and the vector swaps only, the kernels bench/kernel_sweep.py times at both.
+// A multiple of those vectors (set_unroll): Unroll 2, the default, puts two 16-byte loads in flight
+// per thread where one would have one (LAWA alone, swap back). Compiled for the ring-only updates
+// and the vector swaps only; the other kernels have one instance and ignore it.
 constexpr int kMaxUnroll = 2;
 
 template <typename A>

@@ -173,7 +173,9 @@ void swap_in_cpu(at::TensorList params, const at::Tensor& table, const at::Tenso
 
 void check_ring(const at::Tensor& ring, int64_t n, int64_t count, const char* op) {
   TORCH_CHECK(ring.dim() == 2 && ring.size(1) == n && ring.stride(1) == 1, op, ": ring must be (window, N)");
-  TORCH_CHECK_VALUE(count >= 1 && count <= ring.size(0), op, ": count must be in [1, ", ring.size(0), "], got ", count);
+  // TORCH_CHECK, not TORCH_CHECK_VALUE: a c10::ValueError thrown from this extension crashed one
+  // GPU image (cuda_binding.cpp, set_block_threads). The Python side raises ValueError first.
+  TORCH_CHECK(count >= 1 && count <= ring.size(0), op, ": count must be in [1, ", ring.size(0), "], got ", count);
 }
 
 void swap_in_ring_cpu(at::TensorList params, const at::Tensor& table, const at::Tensor& backup, const at::Tensor& ring,

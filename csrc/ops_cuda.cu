@@ -27,16 +27,17 @@ unsigned blocks_for(Kernel kernel, int64_t work, int device, int threads) {
   return static_cast<unsigned>(balanced_blocks(work, int64_t(sms > 0 ? sms : 1) * (per_sm > 0 ? per_sm : 1)));
 }
 
-// Threads per block of update and swap launches (set_block_threads). Triton's kernels, 128 threads
-// a program, ran 2 to 3 points of copy above these at the same work per thread (H200, runs 4 and 5:
-// LAWA 91% against 89%, EMA 93% against 91%); bench/kernel_sweep.py times both block sizes before
-// the default changes.
-std::atomic<int> block_threads{kThreads};
+// Threads per block of update and swap launches (set_block_threads): 128, as Triton's programs. At
+// 256, every native bf16 update ran 1 to 3 points of copy under Triton's at the same work per thread
+// (H200, run 6, benchmark: EMA 91.2% against 93.2% at 128, SWA 90.6% against 93.2%, swap 89.9%
+// against 91.5%; same binary, through this hook).
+std::atomic<int> block_threads{kDefaultThreads};
 
-// Vectors per thread per pass, as a multiple of the default (set_unroll): 1 or kMaxUnroll. Native
-// LAWA alone and swap (one 16-byte load in flight per thread) ran at 89% and 90% of copy, Triton's
-// at 91% (H200, run 5); the sweep times both.
-std::atomic<int> unroll{1};
+// Vectors per thread per pass of ring-only updates (LAWA alone) and swaps, as a multiple of one
+// (set_unroll): 1 or kMaxUnroll, default kMaxUnroll. With one 16-byte load in flight per thread
+// they ran at 88.6% (LAWA) and 91.5% (swap) of copy at 128 threads, and at 89.7% and 92.2% with
+// two (H200, run 6, bf16; at 256 threads two vectors were slower for LAWA: 85.8% against 89.0%).
+std::atomic<int> unroll{kMaxUnroll};
 
 constexpr const char* kUnsupportedPair =
     "unsupported (parameter, average) dtype pair: averages must be the parameters' dtype, or float32 / float64 wider "

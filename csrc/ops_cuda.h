@@ -30,11 +30,11 @@ const char* swap(const int64_t* table, int64_t rows, void* backup, const void* s
 const char* ring_mean(void* out, const void* ring, int64_t n, int64_t stride, int64_t count, Dtype out_dtype,
                       Dtype ring_dtype, int device, void* stream);
 // Threads per block of update and swap launches from now on, for tuning (bench/kernel_sweep.py):
-// a multiple of 32 up to kThreads (256, the default). Returns the previous value, or -1 (unchanged)
-// for any other number.
+// a multiple of 32 up to kThreads (256; the default is 128). Returns the previous value, or -1
+// (unchanged) for any other number.
 int set_block_threads(int threads);
 // Vectors per thread per pass of later ring-only update and vector swap launches, as a multiple of
-// the default, for tuning: 1 (the default) or 2. Returns the previous value, or -1 (unchanged).
+// one, for tuning: 1 or 2 (the default). Returns the previous value, or -1 (unchanged).
 int set_unroll(int factor);
 
 }  // namespace cuda

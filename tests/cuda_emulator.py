@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "tests" / "cuda_host" / "emulate.cpp"
 CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}  # csrc/ops_cuda.h's Dtype
 MAX_AVERAGES, MAX_RINGS = 4, 2  # csrc/ops_cuda.h
-THREADS = 256  # csrc/cuda_kernels.cuh's kThreads: the default, and ring_mean_'s always
+THREADS = 256  # csrc/cuda_kernels.cuh's kThreads: ring_mean_'s always, the most of the others
+DEFAULT_THREADS, DEFAULT_UNROLL = 128, 2  # ops_cuda.cu's defaults for update and swap launches
 
 
 def cuda_include() -> Path | None:
@@ -67,7 +68,9 @@ def _aligned(address: int) -> bool:
     return address % 16 == 0
 
 
-def backend(lib: ctypes.CDLL, most_blocks: int, threads: int = THREADS, unroll: int = 1) -> Backend:
+def backend(
+    lib: ctypes.CDLL, most_blocks: int, threads: int = DEFAULT_THREADS, unroll: int = DEFAULT_UNROLL
+) -> Backend:
     """The emulated kernels as a backend; ``most_blocks`` stands for the blocks a GPU holds at once,
     ``threads`` for the threads per block of update and swap launches (set_block_threads), ``unroll``
     for their vectors per thread per pass (set_unroll: 1 or 2)."""

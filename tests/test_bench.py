@@ -12,22 +12,23 @@ from fastavg.bench.shapes import gpt2_shapes
 
 
 class FakeTuningHooks:
-    """The native CUDA build's tuning hooks' contract (set, return the previous setting), on the CPU;
-    ``log`` keeps every call."""
+    """The native CUDA build's tuning hooks' contract (set, return the previous setting; refuse with
+    -1, changing nothing), on the CPU; ``log`` keeps every call. It starts at 256 threads and no
+    unroll, not at the build's defaults, so a row's restore is seen to undo its own setting."""
 
     def __init__(self):
         self.state, self.log = [256, 1], []
 
     def set_block_threads(self, threads):
         if threads % 32 or not 32 <= threads <= 256:
-            raise ValueError("threads per block must be a multiple of 32 from 32 to 256")
+            return -1
         self.log.append(("threads", threads))
         previous, self.state[0] = self.state[0], threads
         return previous
 
     def set_unroll(self, unroll):
         if unroll not in (1, 2):
-            raise ValueError("factor must be 1 or 2")
+            return -1
         self.log.append(("unroll", unroll))
         previous, self.state[1] = self.state[1], unroll
         return previous
@@ -348,3 +349,17 @@ def test_gpu_check_script_parses_and_summarises_a_run(tmp_path):
     subprocess.run([sys.executable, "-c", summary_code, str(tmp_path), "0", "0"], capture_output=True, cwd=root)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert "no bench results" in summary["bench"] and "native_pct_of_copy_by_launch" not in summary
+
+
+def test_native_error_probe_reports_a_crash_and_what_each_error_path_raised():
+    """bench/native_error_probe.py (run by gpu_check.sh) runs each error path in a child: a child
+    killed by a signal is reported as a crash, not suffered, and here every fastavg._C error path
+    reaches Python as an exception."""
+    probe = _bench_script("native_error_probe")
+    assert probe.run_child("import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)") == "CRASHED (SIGSEGV)"
+    assert probe.run_child("raise ValueError('x')") == "raised ValueError"
+    assert probe.run_child("pass") == "returned"
+    if fastavg.available_backends("cpu")["native"] is not None:
+        pytest.skip("needs the native backend")
+    seen = {name: probe.run_child(code) for name, code in probe.FASTAVG_PROBES.items() if "on the CPU" in name}
+    assert seen and all(answer == "raised RuntimeError" for answer in seen.values()), seen

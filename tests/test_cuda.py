@@ -69,26 +69,28 @@ def test_gpt2_sized_update_matches_torch_backend(dtype, cuda_backend):
     _gpt2_sized_update_matches_torch_backend(dtype, cuda_backend)
 
 
-@pytest.mark.parametrize("threads, unroll", [(128, 1), (256, 2), (128, 2)])
+@pytest.mark.parametrize("threads, unroll", [(256, 1), (128, 1), (256, 2), (128, 2)])
 def test_native_kernels_at_the_sweeps_settings(threads, unroll):
-    """bench/kernel_sweep.py times the native kernels at 128 threads per block and at twice the
-    vectors per thread per pass too (tuning hooks, not ops): they must give the same results there,
-    LAWA-only steps included, and the hooks refuse other settings."""
+    """bench/kernel_sweep.py times the native kernels at 256 and 128 threads per block and at one and
+    two vectors per thread per pass (tuning hooks, not ops): they must give the same results at each,
+    LAWA-only steps included, and the hooks refuse other settings without raising in C++ (a C++
+    ValueError from fastavg._C crashed the process on the H200 image, run 6)."""
     if "native" not in CUDA_BACKENDS:
         pytest.skip(fastavg.available_backends("cuda")["native"])
+    from fastavg.bench import native_launch
+
     tuning = torch.ops.fastavg_native_tuning
+    default = native_launch.current_settings(tuning)
+    assert tuning.set_block_threads(100) == -1 and tuning.set_unroll(3) == -1
     with pytest.raises(ValueError, match="multiple of 32"):
-        tuning.set_block_threads(100)
+        native_launch.set_block_threads(tuning, 100)
     with pytest.raises(ValueError, match="1 or 2"):
-        tuning.set_unroll(3)
-    previous = tuning.set_block_threads(threads), tuning.set_unroll(unroll)
-    try:
-        assert previous == (256, 1)  # the defaults, unchanged by the refused calls
+        native_launch.set_unroll(tuning, 3)
+    assert native_launch.current_settings(tuning) == default == (128, 2)  # the build's defaults, unchanged
+    with native_launch.launch_settings(tuning, threads, unroll):
         _gpt2_sized_update_matches_torch_backend(torch.bfloat16, "native")
         _gpt2_sized_update_matches_torch_backend(torch.bfloat16, "native", {"lawa": LAWA(window=3, every=1)})
-    finally:
-        tuning.set_block_threads(previous[0])
-        tuning.set_unroll(previous[1])
+    assert native_launch.current_settings(tuning) == default
 
 
 def test_benchmark_times_native_launch_settings_through_the_real_hooks():
@@ -99,14 +101,14 @@ def test_benchmark_times_native_launch_settings_through_the_real_hooks():
     if "native" not in CUDA_BACKENDS:
         pytest.skip(fastavg.available_backends("cuda")["native"])
     hooks, cuda = native_launch.tuning_hooks(), torch.device("cuda")
-    assert hooks is not None and native_launch.current_settings(hooks) == (256, 1)
-    assert cli.resolve_native_launches(["128", "256x2", "128x2"], cuda, ["native"]) == [(128, 1), (256, 2), (128, 2)]
+    assert hooks is not None and native_launch.current_settings(hooks) == (128, 2)
+    assert cli.resolve_native_launches(["256", "256x2", "128"], cuda, ["native"]) == [(256, 1), (256, 2), (128, 1)]
     with pytest.raises(SystemExit, match="128x3"):
         cli.resolve_native_launches(["128x3"], cuda, ["native"])
     params = [torch.nn.Parameter(torch.randn(4099, device="cuda").bfloat16())]
-    cases.fastavg_case("swap", params, "native", launch=(128, 2)).step()
+    cases.fastavg_case("swap", params, "native", launch=(256, 1)).step()
     torch.cuda.synchronize()
-    assert native_launch.current_settings(hooks) == (256, 1)
+    assert native_launch.current_settings(hooks) == (128, 2)
 
 
 def _gpt2_sized_update_matches_torch_backend(dtype, backend, specs=SPECS):

@@ -33,13 +33,14 @@ def emulator(tmp_path_factory):
 
 
 @pytest.fixture(
-    params=[(1, 256, 1), (3, 128, 1), (2, 96, 2)],
-    ids=["1-block-256-threads", "3-blocks-128-threads", "2-blocks-96-threads-unroll-2"],
+    params=[(2, 128, 2), (1, 256, 1), (3, 128, 1), (2, 96, 2)],
+    ids=["default-128-threads-unroll-2", "1-block-256-threads", "3-blocks-128-threads", "2-blocks-96-threads-unroll-2"],
 )
 def target(request, emulator):
     """The emulated kernels with a GPU that holds 1 to 3 blocks at once (blocks walk many rows), at
-    the default 256 threads per block and fewer (the sweep's set_block_threads), and with twice the
-    vectors per thread per pass (set_unroll; at 96 threads a row's last pass is partial)."""
+    the CUDA build's default (128 threads per block, two vectors per thread per pass for ring-only
+    updates and swaps) and the sweep's other settings (set_block_threads, set_unroll; at 96 threads
+    a row's last pass is partial)."""
     most_blocks, threads, unroll = request.param
     return emulated_backend(emulator, most_blocks=most_blocks, threads=threads, unroll=unroll), "cpu"
 

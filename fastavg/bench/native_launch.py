@@ -1,5 +1,5 @@
 """The native CUDA kernels' launch settings, for the benchmarks: threads per block, and the unroll
-(vectors per thread per pass, as a multiple of the default).
+(vectors per thread per pass of ring-only updates and swaps, as a multiple of one).
 
 They are process-wide tuning hooks of the CUDA build (``torch.ops.fastavg_native_tuning``): the
 benchmarks set them around a call, so native rows at other settings are timed in the same run as
@@ -27,26 +27,47 @@ def tuning_hooks():
     return hooks if hasattr(hooks, "set_unroll") else None
 
 
+def _set(hook, value: int, what: str) -> int:
+    # The hooks refuse by returning -1, not by raising: a C++ ValueError thrown from fastavg._C
+    # crashed the process on one GPU image (csrc/cuda_binding.cpp, set_block_threads).
+    previous = hook(value)
+    if previous < 0:
+        raise ValueError(f"{what}, got {value}")
+    return previous
+
+
+def set_block_threads(hooks, threads: int) -> int:
+    """Threads per block of later native update and swap launches; the previous value. ValueError
+    (nothing changed) for one the kernels cannot run."""
+    return _set(hooks.set_block_threads, threads, "threads per block must be a multiple of 32 from 32 to 256")
+
+
+def set_unroll(hooks, unroll: int) -> int:
+    """Vectors per thread per pass of later ring-only and swap launches, as a multiple of one; the
+    previous value. ValueError (nothing changed) for one the kernels cannot run."""
+    return _set(hooks.set_unroll, unroll, "unroll must be 1 or 2")
+
+
 @contextlib.contextmanager
 def launch_settings(hooks, threads: int, unroll: int):
-    """Native launches at ``threads`` per block and ``unroll`` times the default vectors per thread
-    per pass inside the block, then the settings before."""
-    previous_threads = hooks.set_block_threads(threads)
+    """Native launches at ``threads`` per block and ``unroll`` times one vector per thread per pass
+    inside the block, then the settings before."""
+    previous_threads = set_block_threads(hooks, threads)
     try:  # a refused unroll must not leave the threads changed
-        previous_unroll = hooks.set_unroll(unroll)
+        previous_unroll = set_unroll(hooks, unroll)
         try:
             yield
         finally:
-            hooks.set_unroll(previous_unroll)
+            set_unroll(hooks, previous_unroll)
     finally:
-        hooks.set_block_threads(previous_threads)
+        set_block_threads(hooks, previous_threads)
 
 
 def current_settings(hooks) -> tuple[int, int]:
     """(threads per block, unroll) that launches use now."""
-    threads, unroll = hooks.set_block_threads(128), hooks.set_unroll(1)
-    hooks.set_block_threads(threads)
-    hooks.set_unroll(unroll)
+    threads, unroll = set_block_threads(hooks, 128), set_unroll(hooks, 1)
+    set_block_threads(hooks, threads)
+    set_unroll(hooks, unroll)
     return threads, unroll
 
 
