@@ -1,13 +1,15 @@
 """Do errors raised inside C++ extensions reach Python on this machine, or crash the process?
 
-On the H200 image (torch 2.11, g++ from /opt/gcc) a c10::ValueError thrown from fastavg._C
-crashed pytest's workers with a segfault (run 6), while the c10::Error of a failed TORCH_CHECK
-raised RuntimeError. Each probe runs in a child process, so a crash is reported, not suffered:
+On the H200 image (torch 2.11, CXX=/opt/gcc/bin/g++, libstdc++ linked into the extension
+statically) a failed TORCH_CHECK whose message formatted a number crashed the process with a
+segfault (runs 6 and 7; csrc/error_text.h). Each probe runs in a child process, so a crash is
+reported, not suffered:
 
     python bench/native_error_probe.py            # fastavg._C's error paths
     python bench/native_error_probe.py --minimal  # also a two-line extension built here, per C++ type
 
 Prints one line per probe: what Python saw (an exception's type, or the signal that ended it).
+Exits 1 if a fastavg._C probe saw anything but the exception it should raise.
 """
 
 from __future__ import annotations
@@ -18,32 +20,57 @@ import subprocess
 import sys
 import tempfile
 
-# Each probe: the code a child runs; it prints the exception's type if one reaches Python.
+# Each probe: (what Python should see, the code a child runs).
 FASTAVG_PROBES = {
-    "restore_ on the CPU, bad table (TORCH_CHECK)": """
+    "restore_ on the CPU, bad table (literal message)": (
+        "raised RuntimeError",
+        """
 torch.ops.fastavg_native.restore_([torch.zeros(4)], torch.empty(0, dtype=torch.int64), torch.zeros(3))""",
-    "ring_mean_ on the CPU, bad count (TORCH_CHECK)": """
+    ),
+    "update_ on the CPU, params of two dtypes (op name in the message)": (
+        "raised RuntimeError",
+        """
+p = [torch.zeros(4), torch.zeros(4, dtype=torch.float64)]
+torch.ops.fastavg_native.update_(p, torch.empty(0, dtype=torch.int64), [torch.zeros(8)], [0.5], [], [])""",
+    ),
+    "ring_mean_ on the CPU, bad count (numbers in the message)": (
+        "raised ValueError",
+        """
 torch.ops.fastavg_native.ring_mean_(torch.empty(3), torch.zeros(3, 3), 0)""",
-    "ring_mean_ on the GPU, bad count (TORCH_CHECK)": """
+    ),
+    "ring_mean_ on the GPU, bad count (numbers in the message)": (
+        "raised ValueError",
+        """
 if not torch.cuda.is_available(): raise SystemExit('no GPU')
 torch.ops.fastavg_native.ring_mean_(torch.empty(3, device='cuda'), torch.zeros(3, 3, device='cuda'), 0)""",
-    "tuning hook refuses 100 threads (returns -1; Python raises)": """
+    ),
+    "tuning hook refuses 100 threads (returns -1; Python raises)": (
+        "raised ValueError",
+        """
 from fastavg.bench import native_launch
 hooks = native_launch.tuning_hooks()
 if hooks is None: raise SystemExit('no CUDA build')
 assert hooks.set_block_threads(100) == -1
 native_launch.set_block_threads(hooks, 100)""",
+    ),
 }
+
+# What a probe that needs a GPU or the CUDA build answers without one.
+SKIPPED = ("exit code 1: ['no GPU']", "exit code 1: ['no CUDA build']")
 
 MINIMAL_SOURCE = """
 #include <torch/extension.h>
 #include <stdexcept>
 void check_error(int64_t x) { TORCH_CHECK(x > 0, "TORCH_CHECK failed"); }
 void check_value(int64_t x) { TORCH_CHECK_VALUE(x > 0, "TORCH_CHECK_VALUE failed"); }
+void check_strings(int64_t x) { TORCH_CHECK(x > 0, "TORCH_CHECK", " failed"); }
+void check_number(int64_t x) { TORCH_CHECK(x > 0, "TORCH_CHECK failed, x = ", x); }
 void std_invalid(int64_t x) { if (x <= 0) throw std::invalid_argument("std::invalid_argument"); }
 TORCH_LIBRARY(error_probe, m) {
   m.def("check_error(int x) -> ()", &check_error);
   m.def("check_value(int x) -> ()", &check_value);
+  m.def("check_strings(int x) -> ()", &check_strings);
+  m.def("check_number(int x) -> ()", &check_number);
   m.def("std_invalid(int x) -> ()", &std_invalid);
 }
 """
@@ -79,7 +106,7 @@ def minimal_probes() -> dict[str, str]:
     load = f"torch.ops.load_library(__import__('glob').glob({build!r} + '/error_probe*.so')[0])\n"
     return {
         f"minimal extension, {op}": run_child(load + f"torch.ops.error_probe.{op}(0)")
-        for op in ("check_error", "check_value", "std_invalid")
+        for op in ("check_error", "check_value", "check_strings", "check_number", "std_invalid")
     }
 
 
@@ -87,15 +114,17 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minimal", action="store_true", help="also probe a minimal extension built here")
     args = parser.parse_args(argv)
-    results = {name: run_child(code) for name, code in FASTAVG_PROBES.items()}
+    results = {name: run_child(code) for name, (_, code) in FASTAVG_PROBES.items()}
+    wrong = [name for name, (expected, _) in FASTAVG_PROBES.items() if results[name] not in (expected, *SKIPPED)]
     if args.minimal:
         try:
             results.update(minimal_probes())
         except Exception as err:  # no compiler: say so, keep the other results
             results["minimal extension"] = f"not built: {err!r}"[:300]
     for name, seen in results.items():
-        print(f"native error probe: {name}: {seen}")
-    return 1 if any(seen.startswith("CRASHED") for seen in results.values()) else 0
+        expected = FASTAVG_PROBES.get(name, ("",))[0]
+        print(f"native error probe: {name}: {seen}" + (f" (expected: {expected})" if name in wrong else ""))
+    return 1 if wrong else 0
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "error_text.h"
 #include "ops_cuda.h"
 
 namespace fastavg {
@@ -20,7 +21,7 @@ cuda::Dtype code(at::ScalarType type) {
     case at::kBFloat16: return cuda::kBFloat16;
     case at::kFloat: return cuda::kFloat;
     case at::kDouble: return cuda::kDouble;
-    default: TORCH_CHECK(false, "fastavg_native: unsupported dtype ", type);
+    default: TORCH_CHECK(false, text("fastavg_native: unsupported dtype ", type));
   }
 }
 
@@ -31,7 +32,7 @@ void* current_stream(const at::Device& device) {
 bool aligned16(const void* pointer) { return reinterpret_cast<std::uintptr_t>(pointer) % 16 == 0; }
 
 void check_launch(const char* error, const char* op) {
-  TORCH_CHECK(error == nullptr, "fastavg_native::", op, ": CUDA launch failed: ", error);
+  TORCH_CHECK(error == nullptr, text("fastavg_native::", op, ": CUDA launch failed: ", error));
 }
 
 int64_t total_numel(at::TensorList params) {
@@ -43,10 +44,10 @@ int64_t total_numel(at::TensorList params) {
 void check_table(const at::Tensor& table, at::TensorList params, const char* op) {
   TORCH_CHECK(table.is_cuda() && table.scalar_type() == at::kLong && table.dim() == 2 && table.size(1) == 4 &&
                   table.is_contiguous(),
-              op, ": table must be the group's (rows, 4) int64 table on its CUDA device");
+              text(op, ": table must be the group's (rows, 4) int64 table on its CUDA device"));
   for (const auto& p : params) {
-    TORCH_CHECK(p.device() == table.device() && p.scalar_type() == params[0].scalar_type(), op,
-                ": params must share the table's device and one dtype");
+    TORCH_CHECK(p.device() == table.device() && p.scalar_type() == params[0].scalar_type(),
+                text(op, ": params must share the table's device and one dtype"));
   }
 }
 
@@ -101,7 +102,7 @@ void swap(at::TensorList params, const at::Tensor& table, const at::Tensor& back
   check_table(table, params, op);
   TORCH_CHECK(backup.device() == table.device() && backup.numel() == total_numel(params) && backup.is_contiguous() &&
                   backup.scalar_type() == params[0].scalar_type(),
-              op, ": backup must be a contiguous (N,) buffer in the parameter dtype on the group's device");
+              text(op, ": backup must be a contiguous (N,) buffer in the parameter dtype on the group's device"));
   c10::DeviceGuard guard(table.device());
   const bool vectors_ok = aligned16(backup.data_ptr()) && source_aligned;
   check_launch(cuda::swap(table.data_ptr<int64_t>(), table.size(0), backup.data_ptr(), source, stride, count,
@@ -118,10 +119,10 @@ void swap_in_cuda(at::TensorList params, const at::Tensor& table, const at::Tens
 }
 
 void check_ring(const at::Tensor& ring, int64_t n, int64_t count, const char* op) {
-  TORCH_CHECK(ring.is_cuda() && ring.dim() == 2 && ring.size(1) == n && ring.stride(1) == 1, op,
-              ": ring must be (window, N) on the GPU");
-  // TORCH_CHECK, not TORCH_CHECK_VALUE: see set_block_threads. The Python side raises ValueError first.
-  TORCH_CHECK(count >= 1 && count <= ring.size(0), op, ": count must be in [1, ", ring.size(0), "], got ", count);
+  TORCH_CHECK(ring.is_cuda() && ring.dim() == 2 && ring.size(1) == n && ring.stride(1) == 1,
+              text(op, ": ring must be (window, N) on the GPU"));
+  TORCH_CHECK_VALUE(count >= 1 && count <= ring.size(0),
+                    text(op, ": count must be in [1, ", ring.size(0), "], got ", count));
 }
 
 void swap_in_ring_cuda(at::TensorList params, const at::Tensor& table, const at::Tensor& backup, const at::Tensor& ring,
@@ -146,10 +147,9 @@ void ring_mean_cuda(const at::Tensor& out, const at::Tensor& ring, int64_t count
                "ring_mean_");
 }
 
-// The hooks refuse a setting by returning -1 (fastavg/bench/native_launch.py raises ValueError for
-// it), not by throwing: on the H200 image (torch 2.11, its own g++ in /opt/gcc, libstdc++ not among
-// the extension's dynamic dependencies) a c10::ValueError thrown here crashed the process with a
-// segfault, in 4 of 4 tests (run 6); the c10::Error of a failed TORCH_CHECK raised as it should.
+// The hooks pass on the launchers' -1 for a setting the kernels cannot run; fastavg/bench/
+// native_launch.py raises ValueError for it. (They used to throw, with the number in the message:
+// that crashed the H200 image's processes, error_text.h says why.)
 int64_t set_block_threads(int64_t threads) {
   return threads == static_cast<int>(threads) ? cuda::set_block_threads(static_cast<int>(threads)) : -1;
 }

@@ -10,6 +10,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "error_text.h"
 #include "fastavg_math.h"
 
 namespace fastavg {
@@ -24,8 +25,8 @@ using Math = typename std::conditional<std::is_same<A, double>::value, double, f
 
 void check_group(at::TensorList params, const char* op) {
   for (const auto& p : params) {
-    TORCH_CHECK(p.dim() == 1 && p.is_contiguous(), op, ": params must be 1-D contiguous views");
-    TORCH_CHECK(p.scalar_type() == params[0].scalar_type(), op, ": params of one dtype");
+    TORCH_CHECK(p.dim() == 1 && p.is_contiguous(), text(op, ": params must be 1-D contiguous views"));
+    TORCH_CHECK(p.scalar_type() == params[0].scalar_type(), text(op, ": params of one dtype"));
   }
 }
 
@@ -172,10 +173,9 @@ void swap_in_cpu(at::TensorList params, const at::Tensor& table, const at::Tenso
 }
 
 void check_ring(const at::Tensor& ring, int64_t n, int64_t count, const char* op) {
-  TORCH_CHECK(ring.dim() == 2 && ring.size(1) == n && ring.stride(1) == 1, op, ": ring must be (window, N)");
-  // TORCH_CHECK, not TORCH_CHECK_VALUE: a c10::ValueError thrown from this extension crashed one
-  // GPU image (cuda_binding.cpp, set_block_threads). The Python side raises ValueError first.
-  TORCH_CHECK(count >= 1 && count <= ring.size(0), op, ": count must be in [1, ", ring.size(0), "], got ", count);
+  TORCH_CHECK(ring.dim() == 2 && ring.size(1) == n && ring.stride(1) == 1, text(op, ": ring must be (window, N)"));
+  TORCH_CHECK_VALUE(count >= 1 && count <= ring.size(0),
+                    text(op, ": count must be in [1, ", ring.size(0), "], got ", count));
 }
 
 void swap_in_ring_cpu(at::TensorList params, const at::Tensor& table, const at::Tensor& backup, const at::Tensor& ring,
