@@ -79,3 +79,19 @@ def test_pairs_the_build_lacks_are_refused(target):
     for average in averages:  # the same dtype, and a wider float: compiled
         impls["update_"](flat, table, [average], [1.0], [], [])
         assert torch.equal(average, params[0].to(average.dtype))
+
+
+def test_the_default_target_is_the_cuda_builds_default_launch():
+    """The emulator's defaults (the `default-128-threads-unroll-2` target) must be what ops_cuda.cu
+    launches with, or the per-op suite checks a setting the GPU never runs by default."""
+    import pathlib
+    import re
+
+    from cuda_emulator import DEFAULT_THREADS, DEFAULT_UNROLL
+
+    csrc = pathlib.Path(__file__).resolve().parent.parent / "csrc"
+    kernels, launchers = (csrc / "cuda_kernels.cuh").read_text(), (csrc / "ops_cuda.cu").read_text()
+    named = {name: int(value) for name, value in re.findall(r"constexpr int (k\w+) = (\d+);", kernels)}
+    threads = re.search(r"std::atomic<int> block_threads\{(\w+)\};", launchers)[1]
+    unroll = re.search(r"std::atomic<int> unroll\{(\w+)\};", launchers)[1]
+    assert (named.get(threads), named.get(unroll, 1 if unroll == "1" else None)) == (DEFAULT_THREADS, DEFAULT_UNROLL)
