@@ -2,10 +2,13 @@
 // std::string, and TORCH_CHECK passes a single string or literal through untouched. With several
 // message arguments it formats them in this extension's code, through std::ostringstream.
 //
-// Why: on the H200 image (CXX=/opt/gcc/bin/g++, which links libstdc++ into fastavg._C statically:
-// no libstdc++ among its NEEDED libraries), a failed TORCH_CHECK whose message formatted a number
-// through that stream crashed the process with a segfault, on the CPU and the GPU alike, while one
-// with a single literal message raised RuntimeError (bench/native_error_probe.py, runs 6 and 7).
+// Why: on the H200 image (CXX=/opt/gcc/bin/g++, which links libstdc++ into the extension
+// statically: no libstdc++ among fastavg._C's NEEDED libraries), a failed TORCH_CHECK whose message
+// formats a number through that stream crashes the process with a segfault, on the CPU and the GPU
+// alike (runs 6 and 7). Run 8 pinned it with a two-line extension built there by the same
+// compiler: a number in the message crashed; several literals, TORCH_CHECK_VALUE and a plain
+// std::invalid_argument all raised (bench/native_error_probe.py --minimal). std::to_string
+// formats without a stream; fastavg._C's every error path raised in run 8.
 #pragma once
 
 #include <c10/core/ScalarType.h>

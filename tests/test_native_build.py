@@ -76,6 +76,41 @@ def test_extension_sources_have_distinct_object_names():
     assert len(stems) == len(set(stems)), sorted(stems)
 
 
+def _check_calls(source: str):
+    """Each TORCH_CHECK* call in C++ ``source``: (macro, its arguments split at top-level commas)."""
+    for match in re.finditer(r"\b(TORCH_CHECK\w*)\(", source):
+        depth, quote, args, start, i = 1, None, [], match.end(), match.end()
+        while depth:
+            c = source[i]
+            if quote:
+                quote = None if c == quote and source[i - 1] != "\\" else quote
+            elif c in "\"'":
+                quote = c
+            elif c in "([{":
+                depth += 1
+            elif c in ")]}":
+                depth -= 1
+            elif c == "," and depth == 1:
+                args.append(source[start:i])
+                start = i + 1
+            i += 1
+        yield match[1], [*args, source[start : i - 1]]
+
+
+def test_error_messages_are_one_argument_each():
+    """Every TORCH_CHECK in csrc/ passes one message argument (a literal, or text(...) from
+    error_text.h): with more, torch formats them through std::ostringstream in fastavg._C's own
+    code, and a number formatted that way segfaulted where libstdc++ is linked in statically (the
+    H200 image, runs 6 to 8). Nothing here crashes, so only the source can be checked."""
+    calls = [(path.name, macro, args) for path in sorted(CSRC.glob("*.c*")) for macro, args in
+             _check_calls(path.read_text())]  # fmt: skip
+    assert len(calls) > 20  # the parser found them
+    assert [(name, macro, args) for name, macro, args in calls if len(args) > 2] == []
+    assert list(_check_calls('TORCH_CHECK(f(a, b), text("x, y", n));')) == [
+        ("TORCH_CHECK", ["f(a, b)", ' text("x, y", n)'])
+    ]
+
+
 def test_sdist_carries_every_native_source(tmp_path):
     """An install from an sdist builds _C from csrc/: its headers must be in it (MANIFEST.in)."""
     source = tmp_path / "src"
