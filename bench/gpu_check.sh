@@ -52,7 +52,7 @@ tests_rc=${PIPESTATUS[0]}
 # can change with the benchmark's numbers for it measured in this run; only where the build has the
 # hooks, or the option would stop the whole benchmark.
 launches=$("$PY" -c "import torch; from fastavg.bench.native_launch import tuning_hooks
-print('--native-launch ${NATIVE_LAUNCHES:-256 128 256x2}' if torch.cuda.is_available() and tuning_hooks() else '')" 2>/dev/null)
+print('--native-launch ${NATIVE_LAUNCHES:-256 128 128x4}' if torch.cuda.is_available() and tuning_hooks() else '')" 2>/dev/null)
 if ! skip bench; then
   echo "== bench ${launches:-(no native CUDA tuning hooks)}" && timeout 100 "$PY" -m fastavg.bench --params gpt2 --repeats 20 $launches \
     --json "$OUT/bench_gpt2.json" --plot "$OUT/bench_gpt2.png" 2>&1 | tee -a "$OUT/tests.log"
@@ -65,7 +65,7 @@ if ! skip step-overhead; then
   echo "== step overhead" && timeout 30 "$PY" bench/step_overhead.py --device cuda --profile 2>&1 | tee "$OUT/step_overhead.txt"
 fi
 # The kernels alone: Triton block sizes and warp counts, native at 256 and 128 threads per block
-# (LAWA and swap also at twice the vectors per thread per pass), against the copy (into the same file: the device tool returns 8 files at most).
+# (LAWA and swap also at two and four vectors per thread per pass), against the copy (into the same file: the device tool returns 8 files at most).
 if ! skip sweep; then
   echo "== kernel sweep" && timeout 90 "$PY" bench/kernel_sweep.py 2>&1 | tee -a "$OUT/step_overhead.txt"
 fi

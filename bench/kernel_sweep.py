@@ -85,7 +85,7 @@ def main(argv=None) -> None:
     parser.add_argument("--blocks", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--threads", type=int, nargs="+", default=[256, 128], help="native CUDA threads per block")
-    parser.add_argument("--unroll", type=int, nargs="+", default=[1, 2], help="native CUDA unroll (LAWA, swap)")
+    parser.add_argument("--unroll", type=int, nargs="+", default=[1, 2, 4], help="native CUDA unroll (LAWA, swap)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test")

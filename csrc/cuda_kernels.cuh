@@ -69,10 +69,14 @@ constexpr int kAccessWidth = 16 / (sizeof(A) > sizeof(P) ? sizeof(A) : sizeof(P)
 template <int V, int NA>
 constexpr int kVectorsPerPass = NA >= 2 || V >= 8 ? 1 : 8 / V;
 
-// A multiple of those vectors (set_unroll): Unroll 2, the default, puts two 16-byte loads in flight
-// per thread where one would have one (LAWA alone, swap back). Compiled for the ring-only updates
-// and the vector swaps only; the other kernels have one instance and ignore it.
-constexpr int kMaxUnroll = 2;
+// A multiple of those vectors (set_unroll): 1, 2 or kMaxUnroll. Unroll 2, the default, puts two
+// 16-byte loads in flight per thread where one would have one (LAWA alone, swap back: H200, run 6,
+// LAWA 88.6% -> 89.7% of copy at 128 threads). 4 is there for the sweep: LAWA alone is the one
+// update still under 90%. Compiled for the ring-only updates and the vector swaps only; the other
+// kernels have one instance and ignore it.
+constexpr int kDefaultUnroll = 2;
+constexpr int kMaxUnroll = 4;
+constexpr bool valid_unroll(int unroll) { return unroll == 1 || unroll == 2 || unroll == kMaxUnroll; }
 
 template <typename A>
 using Math = typename std::conditional<std::is_same<A, double>::value, double, float>::type;
@@ -332,7 +336,7 @@ void with_count(int n, F&& f) {
   }
 }
 
-// The update_kernel instance for the averages and rings in `args`: f(kernel). `unroll` (1 or 2:
+// The update_kernel instance for the averages and rings in `args`: f(kernel). `unroll` (1, 2 or 4:
 // set_unroll) applies to ring-only updates; the others have one instance.
 template <typename P, typename A, typename F>
 void with_update_kernel(const UpdateArgs& args, int unroll, F&& f) {
@@ -342,6 +346,7 @@ void with_update_kernel(const UpdateArgs& args, int unroll, F&& f) {
       constexpr int NR = decltype(nr)::value;
       if constexpr (NA == 0 && NR > 0) {
         if (unroll == kMaxUnroll) return f(update_kernel<P, A, NA, NR, kMaxUnroll>);
+        if (unroll == 2) return f(update_kernel<P, A, NA, NR, 2>);
       }
       if constexpr (NA + NR > 0) f(update_kernel<P, A, NA, NR>);
     });
@@ -350,12 +355,18 @@ void with_update_kernel(const UpdateArgs& args, int unroll, F&& f) {
 
 // The swap_kernel instance for `mode` (0: from an average, 1: from a ring, 2: restore): f(kernel).
 // `unroll` applies to modes 0 and 2 (mode 1 reads its ring element by element).
+template <typename P, typename A, int Mode, typename F>
+void with_swap_unroll(int unroll, F&& f) {
+  if (unroll == kMaxUnroll) return f(swap_kernel<P, A, Mode, kMaxUnroll>);
+  if (unroll == 2) return f(swap_kernel<P, A, Mode, 2>);
+  f(swap_kernel<P, A, Mode>);
+}
+
 template <typename P, typename A, typename F>
 void with_swap_kernel(int mode, int unroll, F&& f) {
-  const bool deep = unroll == kMaxUnroll;
-  if (mode == 0) deep ? f(swap_kernel<P, A, 0, kMaxUnroll>) : f(swap_kernel<P, A, 0>);
+  if (mode == 0) with_swap_unroll<P, A, 0>(unroll, f);
   if (mode == 1) f(swap_kernel<P, A, 1>);
-  if (mode == 2) deep ? f(swap_kernel<P, A, 2, kMaxUnroll>) : f(swap_kernel<P, A, 2>);
+  if (mode == 2) with_swap_unroll<P, A, 2>(unroll, f);
 }
 
 // What update_kernel reads besides the caller's arguments: each weight rounded for float math,

@@ -34,10 +34,10 @@ unsigned blocks_for(Kernel kernel, int64_t work, int device, int threads) {
 std::atomic<int> block_threads{kDefaultThreads};
 
 // Vectors per thread per pass of ring-only updates (LAWA alone) and swaps, as a multiple of one
-// (set_unroll): 1 or kMaxUnroll, default kMaxUnroll. With one 16-byte load in flight per thread
+// (set_unroll): 1, 2 or kMaxUnroll, default 2. With one 16-byte load in flight per thread
 // they ran at 88.6% (LAWA) and 91.5% (swap) of copy at 128 threads, and at 89.7% and 92.2% with
 // two (H200, run 6, bf16; at 256 threads two vectors were slower for LAWA: 85.8% against 89.0%).
-std::atomic<int> unroll{kMaxUnroll};
+std::atomic<int> unroll{kDefaultUnroll};
 
 constexpr const char* kUnsupportedPair =
     "unsupported (parameter, average) dtype pair: averages must be the parameters' dtype, or float32 / float64 wider "
@@ -100,7 +100,7 @@ int set_block_threads(int threads) {
 }
 
 int set_unroll(int factor) {
-  if (factor != 1 && factor != kMaxUnroll) return -1;
+  if (!valid_unroll(factor)) return -1;
   return unroll.exchange(factor);
 }
 

@@ -34,7 +34,7 @@ const char* ring_mean(void* out, const void* ring, int64_t n, int64_t stride, in
 // (unchanged) for any other number.
 int set_block_threads(int threads);
 // Vectors per thread per pass of later ring-only update and vector swap launches, as a multiple of
-// one, for tuning: 1 or 2 (the default). Returns the previous value, or -1 (unchanged).
+// one, for tuning: 1, 2 (the default) or 4. Returns the previous value, or -1 (unchanged).
 int set_unroll(int factor);
 
 }  // namespace cuda

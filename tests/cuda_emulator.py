@@ -73,7 +73,7 @@ def backend(
 ) -> Backend:
     """The emulated kernels as a backend; ``most_blocks`` stands for the blocks a GPU holds at once,
     ``threads`` for the threads per block of update and swap launches (set_block_threads), ``unroll``
-    for their vectors per thread per pass (set_unroll: 1 or 2)."""
+    for their vectors per thread per pass (set_unroll: 1, 2 or 4)."""
 
     def blocks(items: int) -> ctypes.c_uint:
         return ctypes.c_uint(lib.emulate_balanced_blocks(items, most_blocks))

@@ -27,7 +27,7 @@ class FakeTuningHooks:
         return previous
 
     def set_unroll(self, unroll):
-        if unroll not in (1, 2):
+        if unroll not in (1, 2, 4):
             return -1
         self.log.append(("unroll", unroll))
         previous, self.state[1] = self.state[1], unroll
@@ -247,7 +247,7 @@ def test_native_launch_needs_the_cuda_build(monkeypatch):
     monkeypatch.setattr(native_launch, "tuning_hooks", lambda: hooks)
     cuda = torch.device("cuda")
     assert cli.resolve_native_launches(["128", "256x2"], cuda, ["native"]) == [(128, 1), (256, 2)]
-    for bad, message in (("100", "multiple of 32"), ("128x3", "1 or 2"), ("x", "THREADSxUNROLL")):
+    for bad, message in (("100", "multiple of 32"), ("128x3", "1, 2 or 4"), ("x", "THREADSxUNROLL")):
         with pytest.raises(SystemExit, match=message):
             cli.resolve_native_launches([bad], cuda, ["native"])
     assert hooks.state == [256, 1]

@@ -69,10 +69,10 @@ def test_gpt2_sized_update_matches_torch_backend(dtype, cuda_backend):
     _gpt2_sized_update_matches_torch_backend(dtype, cuda_backend)
 
 
-@pytest.mark.parametrize("threads, unroll", [(256, 1), (128, 1), (256, 2), (128, 2)])
+@pytest.mark.parametrize("threads, unroll", [(256, 1), (128, 1), (256, 2), (128, 2), (128, 4)])
 def test_native_kernels_at_the_sweeps_settings(threads, unroll):
-    """bench/kernel_sweep.py times the native kernels at 256 and 128 threads per block and at one and
-    two vectors per thread per pass (tuning hooks, not ops): they must give the same results at each,
+    """bench/kernel_sweep.py times the native kernels at 256 and 128 threads per block and at one, two
+    and four vectors per thread per pass (tuning hooks, not ops): they must give the same results at each,
     LAWA-only steps included, and the hooks refuse other settings without raising in C++ (a C++
     ValueError from fastavg._C crashed the process on the H200 image, run 6)."""
     if "native" not in CUDA_BACKENDS:
@@ -84,7 +84,7 @@ def test_native_kernels_at_the_sweeps_settings(threads, unroll):
     assert tuning.set_block_threads(100) == -1 and tuning.set_unroll(3) == -1
     with pytest.raises(ValueError, match="multiple of 32"):
         native_launch.set_block_threads(tuning, 100)
-    with pytest.raises(ValueError, match="1 or 2"):
+    with pytest.raises(ValueError, match="1, 2 or 4"):
         native_launch.set_unroll(tuning, 3)
     assert native_launch.current_settings(tuning) == default == (128, 2)  # the build's defaults, unchanged
     with native_launch.launch_settings(tuning, threads, unroll):

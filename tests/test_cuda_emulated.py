@@ -33,8 +33,8 @@ def emulator(tmp_path_factory):
 
 
 @pytest.fixture(
-    params=[(2, 128, 2), (1, 256, 1), (3, 128, 1), (2, 96, 2)],
-    ids=["default-128-threads-unroll-2", "1-block-256-threads", "3-blocks-128-threads", "2-blocks-96-threads-unroll-2"],
+    params=[(2, 128, 2), (1, 256, 1), (3, 128, 1), (2, 96, 4)],
+    ids=["default-128-threads-unroll-2", "1-block-256-threads", "3-blocks-128-threads", "2-blocks-96-threads-unroll-4"],
 )
 def target(request, emulator):
     """The emulated kernels with a GPU that holds 1 to 3 blocks at once (blocks walk many rows), at

@@ -45,7 +45,7 @@ def set_block_threads(hooks, threads: int) -> int:
 def set_unroll(hooks, unroll: int) -> int:
     """Vectors per thread per pass of later ring-only and swap launches, as a multiple of one; the
     previous value. ValueError (nothing changed) for one the kernels cannot run."""
-    return _set(hooks.set_unroll, unroll, "unroll must be 1 or 2")
+    return _set(hooks.set_unroll, unroll, "unroll must be 1, 2 or 4")
 
 
 @contextlib.contextmanager
