@@ -192,6 +192,22 @@ def test_ring_mean_rejects_bad_count(target):
             impls["ring_mean_"](torch.empty(3, device=dev), torch.zeros(3, 3, device=dev), count)
 
 
+def test_native_ops_own_checks_raise_with_their_numbers(target):
+    """The native ops' own checks (behind the Python ones) raise, numbers in the message: built
+    without iostreams (csrc/error_text.h), since a number formatted through a stream in fastavg._C
+    segfaulted on the H200 image instead of raising (runs 6 to 8)."""
+    backend, dev = target
+    if backend != "native":
+        pytest.skip("the native extension's own checks")
+    native = resolve_backend(backend, dev).ops
+    with pytest.raises(ValueError, match=r"^ring_mean_: count must be in \[1, 3\], got 0$"):
+        native["ring_mean_"](torch.empty(3, device=dev), torch.zeros(3, 3, device=dev), 0)
+    two_dtypes = [torch.zeros(4, device=dev), torch.zeros(4, dtype=torch.float64, device=dev)]
+    with pytest.raises(RuntimeError, match=r"^update_: "):
+        native["update_"](two_dtypes, torch.zeros(0, 4, dtype=torch.int64, device=dev), [torch.zeros(8, device=dev)],
+                          [0.5], [], [])  # fmt: skip
+
+
 def test_empty_parameters(target):
     backend, dev = target
     params = [torch.zeros(0, device=dev), torch.zeros(0, 3, device=dev)]
