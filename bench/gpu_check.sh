@@ -5,9 +5,9 @@
 # shapes against the stock paths and the measured copy bandwidth, time the host side of step(),
 # and write everything under $OUT
 # (8 files, the most the device tool returns). Stage timeouts add up to 7.8 minutes, plus the build
-# (33 s for one arch on an H200); the whole script ran in 4.4 minutes on an H200 (2026-11-28, run 4),
-# and has more rows since; the CPU tests run only if under 250 s have gone, so timeout_s=330 leaves
-# the summary written and a lease of 15 minutes room for a second call.
+# (29 to 39 s for one arch on an H200); the whole script ran in 288 s on an H200 (2026-11-28, run 6);
+# the CPU tests run only if under 250 s have gone, so timeout_s=330 leaves the summary written and a
+# lease of 15 minutes room for a second call.
 #   OUT=/some/dir bash bench/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -34,12 +34,14 @@ if ! "$PY" -m pip install -v --no-build-isolation --no-deps --no-index -e . >>"$
 fi
 echo "install + native build: $(( $(date +%s) - build_started )) s for TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST" | tee -a "$log"
 "$PY" -c "import fastavg; print('backends on cuda:', fastavg.available_backends('cuda'))" 2>&1 | tee -a "$log"
-# A C++ ValueError thrown from fastavg._C segfaulted on this image (run 6: the tuning hooks; once
-# before, in run 2), while a failed TORCH_CHECK raised RuntimeError: record the toolchain (which
-# compiler, whether libstdc++ is a dynamic dependency) and probe each error path in a child process.
+# A native error whose message held a number segfaulted on this image instead of raising (runs 2
+# and 6; csrc/error_text.h): record the toolchain (which compiler, whether libstdc++ is a dynamic
+# dependency) and probe each error path in a child process.
 { echo "CC=${CC:-} CXX=${CXX:-}"; g++ --version | head -1; c++ --version | head -1; nvcc --version | tail -2
   readelf -d fastavg/_C*.so 2>/dev/null | grep NEEDED; nm -D --defined-only fastavg/_C*.so 2>/dev/null | grep -c -E "__cxa_throw|__gxx_personality" ; } >>"$log" 2>&1
-timeout 150 "$PY" bench/native_error_probe.py $([[ " $SKIP " == *" minimal-probe "* ]] || echo --minimal) 2>&1 | tee -a "$log"
+minimal=--minimal
+skip minimal-probe && minimal=
+timeout 150 "$PY" bench/native_error_probe.py $minimal 2>&1 | tee -a "$log"
 
 # A fresh machine JIT-compiles every Triton specialisation the tests touch: spread them over
 # workers when pytest-xdist is there (it is on the GPU image).

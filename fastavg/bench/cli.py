@@ -36,8 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=[],
         metavar="SETTING",
         help="also time the native CUDA kernels at these launch settings, THREADS or THREADSxUNROLL "
-        "(threads per block; vectors per thread per pass, a multiple of the default, for LAWA alone and "
-        "swap): e.g. 128 256x2. Rows 'fastavg-native T=128', ...",
+        "(threads per block; vectors per thread per pass, 1, 2 or 4 times one, for LAWA alone and "
+        "swap): e.g. 256 128x4. Rows 'fastavg-native T=128', ...",
     )
     parser.add_argument(
         "--repeats", type=int, default=None, help="timed samples (default 30 on GPU, 5 calls each; 10 on CPU)"

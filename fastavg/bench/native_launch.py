@@ -28,8 +28,8 @@ def tuning_hooks():
 
 
 def _set(hook, value: int, what: str) -> int:
-    # The hooks refuse by returning -1, not by raising: a C++ ValueError thrown from fastavg._C
-    # crashed the process on one GPU image (csrc/cuda_binding.cpp, set_block_threads).
+    # The hooks refuse by returning -1, not by raising (csrc/cuda_binding.cpp): their old error,
+    # with the number in its message, crashed the process on the H200 image (csrc/error_text.h).
     previous = hook(value)
     if previous < 0:
         raise ValueError(f"{what}, got {value}")
