@@ -73,8 +73,8 @@ def test_gpt2_sized_update_matches_torch_backend(dtype, cuda_backend):
 def test_native_kernels_at_the_sweeps_settings(threads, unroll):
     """bench/kernel_sweep.py times the native kernels at 256 and 128 threads per block and at one, two
     and four vectors per thread per pass (tuning hooks, not ops): they must give the same results at each,
-    LAWA-only steps included, and the hooks refuse other settings without raising in C++ (a C++
-    ValueError from fastavg._C crashed the process on the H200 image, run 6)."""
+    LAWA-only steps included, and the hooks refuse other settings without raising in C++ (their old
+    error, a number in its message, crashed the process on the H200 image, run 6: error_text.h)."""
     if "native" not in CUDA_BACKENDS:
         pytest.skip(fastavg.available_backends("cuda")["native"])
     from fastavg.bench import native_launch
