@@ -74,8 +74,8 @@ def resident_key(kernel, index: int, args, meta) -> tuple:
     return (kernel, index, tuple(meta.items()), dtypes)  # tl.dtype hashes; each call site passes one order
 
 
-def _resident_programs(kernel, index: int, args, meta) -> int:
-    key = resident_key(kernel, index, args, meta)
+def _resident_programs(kernel, index: int, args, meta, grid_key=None) -> int:
+    key = resident_key(kernel, index, args, meta) if grid_key is None else (kernel, index, grid_key)
     if key not in _RESIDENT:
         props = torch.cuda.get_device_properties(index)
         try:
@@ -95,9 +95,10 @@ def _resident_programs(kernel, index: int, args, meta) -> int:
     return _RESIDENT[key]
 
 
-def launch(kernel, work_items: int, device: torch.device, *args, **meta) -> None:
+def launch(kernel, work_items: int, device: torch.device, *args, grid_key=None, **meta) -> None:
     """``kernel[grid](*args, **meta)`` for a kernel whose programs walk ``work_items`` rows (or
-    blocks) with a stride of the grid size.
+    blocks) with a stride of the grid size. ``grid_key``: a caller's own name for what
+    ``resident_key`` would find in the arguments (it must name as much), saving that walk per call.
 
     On a GPU the grid is persistent and balanced: no more programs than the SMs hold at once (a
     program that waits for a free slot walks its rows after everyone else, stretching the launch;
@@ -108,7 +109,7 @@ def launch(kernel, work_items: int, device: torch.device, *args, **meta) -> None
         kernel[(max(1, work_items),)](*args, **meta)
         return
     index = device.index if device.index is not None else torch.cuda.current_device()
-    kernel[(balanced_grid(work_items, _resident_programs(kernel, index, args, meta)),)](*args, **meta)
+    kernel[(balanced_grid(work_items, _resident_programs(kernel, index, args, meta, grid_key)),)](*args, **meta)
 
 
 def vector_width(*dtypes: torch.dtype) -> int:

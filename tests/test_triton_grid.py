@@ -124,7 +124,7 @@ def _update_launch(weights, device="cpu"):
     params = [torch.randn(4099, device=device).bfloat16()]
     averages = [torch.zeros(4099, device=device) for _ in weights]
     ring = torch.zeros(2, 4104, dtype=torch.bfloat16, device=device)[:, :4099]
-    ((args, constexprs),) = update.launches(params, table.build_table(params), averages, weights, [ring], [0])
+    ((_, args, constexprs, _),) = update.launches(params, table.build_table(params), averages, weights, [ring], [0])
     return args, constexprs
 
 
@@ -145,6 +145,37 @@ def test_grid_key_names_the_kernel_a_launch_runs():
         for dtype in (torch.bfloat16, torch.float32)
     ]
     assert keys[0] != keys[1]
+
+
+def test_a_launch_plans_grid_key_names_what_the_arguments_would():
+    """update_ sizes its grid by a key worked out once per launch shape (update._plan), not from
+    the arguments at every step: two launches share it exactly where resident_key, which reads
+    the arguments, says they run the same compiled kernel."""
+    params = [torch.randn(4099).bfloat16()]
+    rows = table.build_table(params)
+    launches = []
+    for avg_dtype in (torch.float32, torch.float64):
+        for n_avg, n_ring, weights in [(1, 0, [0.1]), (1, 0, [1.0]), (0, 1, []), (0, 2, []), (2, 1, [0.3, 1.0])]:
+            averages = [torch.zeros(4099, dtype=avg_dtype) for _ in range(n_avg)]
+            rings = [torch.zeros(3, 4099, dtype=torch.bfloat16) for _ in range(n_ring)]
+            launches += update.launches(params, rows, averages, weights, rings, [1] * n_ring)
+    by_plan = {(kernel, key) for kernel, _, _, key in launches}
+    by_arguments = {table.resident_key(kernel, 0, args, meta) for kernel, args, meta, _ in launches}
+    pairs = {(kernel, key, table.resident_key(kernel, 0, args, meta)) for kernel, args, meta, key in launches}
+    # 4 shapes with float32 averages, 2 more with float64 (rings alone name no average dtype)
+    assert len(by_plan) == len(by_arguments) == len(pairs) == 6
+    assert {kernel for kernel, _, _, _ in launches} == {update.update_kernel, update.snapshot_kernel}
+
+
+def test_rings_alone_launch_the_snapshot_kernel_with_four_arguments():
+    """LAWA alone is the shortest kernel, so its launch's host cost counts: 4 arguments, not 20."""
+    params = [torch.randn(7).bfloat16()]
+    rings = [torch.zeros(2, 7, dtype=torch.bfloat16) for _ in range(3)]
+    plans = list(update.launches(params, table.build_table(params), [], [], rings, [0, 1, 0]))
+    assert [kernel for kernel, *_ in plans] == [update.snapshot_kernel] * 2  # 2 rings per launch
+    assert [len(args) for _, args, _, _ in plans] == [4, 4]
+    assert [meta["N_RING"] for _, _, meta, _ in plans] == [2, 1]
+    assert plans[1][1][2].data_ptr() == plans[1][1][3].data_ptr() == rings[2][0].data_ptr()
 
 
 @pytest.mark.cuda

@@ -73,17 +73,21 @@ def _update_signature(avg="*fp32", ring="*bf16"):
     return {**sig, "r0": ring, "r1": ring}
 
 
+# The parameter dtypes, each with its ring pointer type (rings are in the parameter dtype).
+every_param_dtype = pytest.mark.parametrize(
+    "p_dtype, ring",
+    [(tl.bfloat16, "*bf16"), (tl.float16, "*fp16"), (tl.float32, "*fp32")],
+    ids=["bf16", "fp16", "fp32"],
+)
+
+
 def _vector(counts: Counter, kind: str) -> int:
     return sum(n for op, n in counts.items() if op.startswith(f"{kind}.global.v"))
 
 
 @compiling
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize(
-    "p_dtype, ring",
-    [(tl.bfloat16, "*bf16"), (tl.float16, "*fp16"), (tl.float32, "*fp32")],
-    ids=["bf16", "fp16", "fp32"],
-)
+@every_param_dtype
 @pytest.mark.parametrize("n_avg, n_ring", [(1, 0), (0, 1), (2, 1), (4, 2)])
 def test_update_kernel_vectorises_aligned_rows(arch, p_dtype, ring, n_avg, n_ring):
     vec = 4 if n_avg or p_dtype == tl.float32 else 8  # table.vector_width: fp32 averages set it
@@ -98,6 +102,22 @@ def test_update_kernel_vectorises_aligned_rows(arch, p_dtype, ring, n_avg, n_rin
     # The masked loop (misaligned rows and tails) is scalar: nothing vectorised it on a hint.
     scalar_param = "ld.global.b32" if p_dtype == tl.float32 else "ld.global.b16"
     assert counts[scalar_param] > 0, counts
+
+
+@compiling
+@pytest.mark.parametrize("arch", ARCHS)
+@every_param_dtype
+@pytest.mark.parametrize("n_ring", [1, 2])
+def test_snapshot_kernel_vectorises_aligned_rows(arch, p_dtype, ring, n_ring):
+    """LAWA alone: update_kernel's rows with 4 arguments; the same 16-byte accesses."""
+    sig = {"table": "*i64", "n_rows": "i32", "r0": ring, "r1": ring}
+    vec = 4 if p_dtype == tl.float32 else 8
+    constexprs = {"P_DTYPE": p_dtype, "N_RING": n_ring, "BLOCK": BLOCK, "VEC": vec}
+    counts = _ptx(update.snapshot_kernel, sig, constexprs, arch)
+    assert counts["ld.global.v4.b32"] >= 1 and counts["st.global.v4.b32"] >= n_ring, counts
+    assert "convert_layout" not in _aligned_loop(update.snapshot_kernel, sig, constexprs, arch)
+    scalar_param = "ld.global.b32" if p_dtype == tl.float32 else "ld.global.b16"
+    assert counts[scalar_param] > 0, counts  # misaligned rows and tails stay scalar
 
 
 @compiling
