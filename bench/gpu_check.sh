@@ -64,7 +64,7 @@ if ! skip train-step; then
   echo "== train step" && timeout 60 "$PY" -m fastavg.bench --train-step --repeats 5 --warmup 2 --json "$OUT/bench_train_step.json" 2>&1 | tee -a "$OUT/tests.log"
 fi
 if ! skip step-overhead; then
-  echo "== step overhead" && timeout 30 "$PY" bench/step_overhead.py --device cuda --profile 2>&1 | tee "$OUT/step_overhead.txt"
+  echo "== step overhead" && timeout 45 "$PY" bench/step_overhead.py --device cuda --profile 2>&1 | tee "$OUT/step_overhead.txt"
 fi
 # The kernels alone: Triton block sizes and warp counts, native at 256 and 128 threads per block
 # (LAWA and swap also at two and four vectors per thread per pass), against the copy (into the same file: the device tool returns 8 files at most).

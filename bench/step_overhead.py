@@ -15,7 +15,7 @@ import time
 import torch
 
 import fastavg
-from fastavg.bench.cases import fastavg_case
+from fastavg.bench.cases import WINDOW, fastavg_case
 from fastavg.bench.shapes import gpt2_shapes
 
 
@@ -47,6 +47,8 @@ def main():
             "parameter check (148 tensors)": fastavg.Averager(params, "ema", backend=backend).check_params,
             "step, EMA due": fastavg.Averager(params, fastavg.EMA(), backend=backend).step,
             "step, EMA+SWA+LAWA due": fastavg.Averager(params, all_three, backend=backend).step,
+            # Against the next row: what the torch.optim wrapper (profiler label, hooks) adds.
+            "step, LAWA due": fastavg.Averager(params, fastavg.LAWA(WINDOW, every=1), backend=backend).step,
             # What fastavg-bench times for LAWA alone (its kernel is the shortest: 0.13 ms on an H200).
             "opt.step(), LAWA due": fastavg_case("lawa", params, backend).step,
         }
@@ -71,31 +73,40 @@ def print_profile(fn, repeats: int, lines: int = 12) -> None:
 
 
 def triton_launch_costs(params, repeats: int) -> None:
-    """One update launch of the Triton backend three ways: fastavg's update_, the JIT launch it ends
-    in (argument binding and specialisation per call), and a compiled handle launched directly."""
+    """One update launch of the Triton backend three ways, for EMA alone (update_kernel, 20
+    arguments) and LAWA alone (snapshot_kernel, 4): fastavg's update_, the JIT launch it ends in
+    (argument binding and specialisation per call), and a compiled handle launched directly."""
+    group = fastavg.Averager(params, fastavg.EMA(), backend="triton")._groups[0]
+    ema = torch.zeros(group.numel, dtype=group.average_dtype, device=group.device)
+    ring = torch.zeros(WINDOW, group.numel, dtype=group.dtype, device=group.device)
+    _launch_costs("EMA", group, ([ema], [0.01], [], []), repeats)
+    _launch_costs("LAWA", group, ([], [], [ring], [2]), repeats)
+
+
+def _launch_costs(name: str, group, buffers: tuple, repeats: int) -> None:
     from fastavg.kernels import table, update
 
-    group = fastavg.Averager(params, fastavg.EMA(), backend="triton")._groups[0]
-    averages = [torch.zeros(group.numel, dtype=group.average_dtype, device=group.device)]
     captured = {}
     launch = update.launch
-    update.launch = lambda kernel, work, device, *a, **meta: captured.update(
-        kernel=kernel, work=work, args=a, meta=meta
+    update.launch = lambda kernel, work, device, *a, grid_key=None, **meta: captured.update(
+        kernel=kernel, work=work, args=a, meta=meta, key=grid_key
     )
-    update.update_(group.flat_params, group.table, averages, [0.01], [], [])
+    update.update_(group.flat_params, group.table, *buffers)
     update.launch = launch
     kernel, work, a, meta = captured["kernel"], captured["work"], captured["args"], captured["meta"]
-    grid = (table.balanced_grid(work, table._resident_programs(kernel, group.device.index or 0, a, meta)),)
+    grid = (
+        table.balanced_grid(work, table._resident_programs(kernel, group.device.index or 0, a, meta, captured["key"])),
+    )
     compiled = kernel.warmup(*a, grid=grid, **meta)
-    constexprs = [meta[name] for name in kernel.arg_names[len(a) :]]
+    constexprs = [meta[arg] for arg in kernel.arg_names[len(a) :]]
     runs = {
-        "fastavg update_ (1 launch)": lambda: update.update_(group.flat_params, group.table, averages, [0.01], [], []),
-        "JIT kernel[grid](...)": lambda: kernel[grid](*a, **meta),
+        f"fastavg update_, {name} ({len(a)} args)": lambda: update.update_(group.flat_params, group.table, *buffers),
+        f"JIT kernel[grid](...), {name}": lambda: kernel[grid](*a, **meta),
         # The handle's runner indexes all three grid dimensions.
-        "compiled handle[grid](...)": lambda: compiled[(grid[0], 1, 1)](*a, *constexprs),
+        f"compiled handle[grid](...), {name}": lambda: compiled[(grid[0], 1, 1)](*a, *constexprs),
     }
-    for name, fn in runs.items():
-        print(f"triton  {name:32s} {per_call_us(fn, repeats):8.1f} us")
+    for row, fn in runs.items():
+        print(f"triton  {row:32s} {per_call_us(fn, repeats):8.1f} us")
 
 
 if __name__ == "__main__":

@@ -198,6 +198,45 @@ def test_kernel_sweep_runs_every_kernel(capsys):
         assert sweep.bytes_per_element(update) == cases.minimal_bytes_per_element(update, 2, 4)
 
 
+def test_step_overhead_prints_every_row(monkeypatch, capsys):
+    """bench/step_overhead.py (run on GPUs by gpu_check.sh): its rows here, with the torch backend."""
+    overhead = _bench_script("step_overhead")
+    monkeypatch.setattr("sys.argv", ["step_overhead.py", "--backends", "torch", "--repeats", "2"])
+    overhead.main()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.endswith(" us")]
+    assert len(rows) == 6 and any("step, LAWA due" in row for row in rows)
+
+
+def test_triton_launch_costs_time_both_update_kernels(monkeypatch, capsys):
+    """The GPU-only part of step_overhead.py --profile: each update kernel's launch three ways.
+    Here the interpreter runs the JIT rows, and a stand-in takes the compiled handle's calls."""
+    if fastavg.available_backends("cpu")["triton"] is not None:
+        pytest.skip("needs the Triton backend (interpreter)")
+    from fastavg.kernels import table, update
+
+    overhead, handle_calls = _bench_script("step_overhead"), []
+
+    def compiled(kernel):
+        return lambda *args, grid, **meta: {(grid[0], 1, 1): lambda *a: handle_calls.append((kernel, len(a)))}
+
+    for kernel in (update.update_kernel, update.snapshot_kernel):
+        monkeypatch.setattr(kernel, "warmup", compiled(kernel), raising=False)
+    monkeypatch.setattr(table, "_resident_programs", lambda *args: 2)
+    params = [torch.nn.Parameter(torch.randn(n).bfloat16()) for n in (7, 1, 33)]
+    overhead.triton_launch_costs(params, 1)
+    rows = capsys.readouterr().out.splitlines()
+    assert [row[len("triton  ") :][:32].strip() for row in rows] == [
+        "fastavg update_, EMA (20 args)",
+        "JIT kernel[grid](...), EMA",
+        "compiled handle[grid](...), EMA",
+        "fastavg update_, LAWA (4 args)",
+        "JIT kernel[grid](...), LAWA",
+        "compiled handle[grid](...), LAWA",
+    ]
+    # Every argument and then every constexpr, positionally: 20 + 6 and 4 + 4.
+    assert set(handle_calls) == {(update.update_kernel, 26), (update.snapshot_kernel, 8)}
+
+
 def test_kernel_sweep_native_rows_set_and_restore_their_tuning():
     """On a GPU the sweep times the native kernels at each threads-per-block and unroll setting
     (unroll only where set_unroll applies), through the build's tuning hooks, and restores them."""
