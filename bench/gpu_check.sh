@@ -119,6 +119,9 @@ try:
                                       for r in records if r["impl"].startswith("fastavg")}
     summary["fastavg_speedup_vs_stock"] = {f"{r['impl']} {r['update']} {r['dtype']}": round(r["speedup_vs_stock"], 2)
                                            for r in records if r["impl"].startswith("fastavg")}
+    # Host time per call beside the median: near it, the kernels waited for the host.
+    summary["fastavg_host_ms"] = {f"{r['impl']} {r['update']} {r['dtype']}": round(r["host_ms"], 3)
+                                  for r in records if r["impl"].startswith("fastavg") and r.get("host_ms")}
 except (OSError, ValueError, KeyError) as err:
     summary["bench"] = f"no bench results: {err}"
 try:  # native at each --native-launch setting: which default puts every row highest

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import time
 
 import pytest
 import torch
@@ -34,7 +35,7 @@ class FakeTuningHooks:
         return previous
 
 
-REQUIRED = {"update", "impl", "dtype", "numel", "median_ms", "gbps", "pct_of_copy", "speedup_vs_stock",
+REQUIRED = {"update", "impl", "dtype", "numel", "median_ms", "host_ms", "gbps", "pct_of_copy", "speedup_vs_stock",
             "speedup_vs_averaged_model"}  # fmt: skip
 
 
@@ -60,6 +61,57 @@ def test_minimal_bytes_follow_the_design_table():
 def test_gpu_samples_span_the_minimum_time(ms_per_call, calls, expected):
     # LAWA's 0.13 ms kernel takes enough calls for 5 ms; a training step keeps its single call.
     assert timing.calls_per_sample(ms_per_call, calls) == expected
+
+
+class FakeCudaQueue:
+    """torch.cuda's sleep kernel and events, on the CPU: the sleep lasts ``sleep_ms`` of host time
+    from the moment it is queued (10 million cycles take 10 ms), as a busy GPU's queue would."""
+
+    def __init__(self, monkeypatch, sleep_ms_real: float):
+        self.sleeps, self.sleep_ms_real, self.ends = [], sleep_ms_real, []
+        queue = self
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                self.at = None
+
+            def record(self):
+                self.at = queue.ends[-1] if queue.ends else time.perf_counter()
+
+            def query(self):
+                return time.perf_counter() >= self.at
+
+            def elapsed_time(self, end):
+                return 10.0  # the calibration's sleep of 10 million cycles
+
+        def sleep(cycles):
+            self.sleeps.append(cycles)
+            self.ends.append(time.perf_counter() + self.sleep_ms_real / 1e3)
+
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+        monkeypatch.setattr(torch.cuda, "_sleep", sleep)
+        monkeypatch.setattr(torch.cuda, "Event", Event)
+        monkeypatch.setattr(timing, "_SLEEP_CYCLES_PER_MS", {})
+
+
+@pytest.mark.parametrize("sleep_ms_real, call_ms, measured", [(500.0, 1.0, True), (5.0, 1.0, False)])
+def test_host_time_is_taken_while_the_gpu_sleeps(monkeypatch, sleep_ms_real, call_ms, measured):
+    """A case's host time per call, with a sleeping kernel queued ahead of its kernels; None where
+    the sleep ended first (a call that waited for the GPU, or a slow host)."""
+    queue, calls = FakeCudaQueue(monkeypatch, sleep_ms_real), []
+
+    def step():
+        calls.append(1)
+        time.sleep(call_ms / 1e3)
+
+    host_ms = timing.host_ms_per_call(step, torch.device("cuda"), 2.0, calls=5)
+    # After the calibration: a sleep of 5 ms + 3 x 5 calls x 2 ms, at a million cycles per ms.
+    assert len(calls) == 5 and queue.sleeps[1] == 35_000_000
+    if measured:
+        assert call_ms <= host_ms < 50 * call_ms
+    else:
+        assert host_ms is None
+    assert timing.host_ms_per_call(step, torch.device("cpu"), 2.0) is None and len(calls) == 5
 
 
 def test_quick_run_writes_every_output(tmp_path, capsys):
@@ -372,7 +424,7 @@ def test_gpu_check_script_parses_and_summarises_a_run(tmp_path):
     summary_code = script.split("<<'PY'\n", 1)[1].split("\nPY\n", 1)[0]
     header, *records = json.loads((root / "bench" / "results" / "2026-11-28-h200-run5.json").read_text())
     header.update(native_default=[256, 1], native_launches=[[128, 1]])
-    faster = [dict(r, impl="fastavg-native T=128", pct_of_copy=r["pct_of_copy"] + 1) for r in records
+    faster = [dict(r, impl="fastavg-native T=128", pct_of_copy=r["pct_of_copy"] + 1, host_ms=0.0712) for r in records
               if r["impl"] == "fastavg-native"]  # fmt: skip
     (tmp_path / "bench_gpt2.json").write_text(json.dumps([header, *records, *faster]))
     result = subprocess.run([sys.executable, "-c", summary_code, str(tmp_path), "0", "0"], capture_output=True,
@@ -384,6 +436,9 @@ def test_gpu_check_script_parses_and_summarises_a_run(tmp_path):
     assert summary["fastavg_pct_of_copy"]["fastavg-native lawa bfloat16"] == 88.9
     by_launch = summary["native_pct_of_copy_by_launch"]
     assert by_launch["T=256 (default)"]["lawa bfloat16"] == 88.9 and by_launch["T=128"]["lawa bfloat16"] == 89.9
+    # Host times: the rows that have them (run 5's records predate them).
+    assert summary["fastavg_host_ms"]["fastavg-native T=128 lawa bfloat16"] == 0.071
+    assert "fastavg-native lawa bfloat16" not in summary["fastavg_host_ms"]
     assert "no junit report" in summary["tests"]  # what the run did not leave is said, not fatal
     (tmp_path / "bench_gpt2.json").unlink()  # a benchmark that never wrote its file
     subprocess.run([sys.executable, "-c", summary_code, str(tmp_path), "0", "0"], capture_output=True, cwd=root)

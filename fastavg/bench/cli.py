@@ -13,7 +13,7 @@ import fastavg
 
 from . import cases, native_launch, report
 from .shapes import GPT2_SIZES, gpt2_shapes, parameter_shapes
-from .timing import copy_bandwidth_gbps, interleaved_median_ms
+from .timing import copy_bandwidth_gbps, host_ms_per_call, interleaved_median_ms
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -153,12 +153,13 @@ def run_dtype(update, dtype, shapes, device, backends, repeats, warmup, copy_gbp
     built = [case for case in (make() for make in makers) if case is not None]
     with torch.no_grad():  # as in a training loop's averaging: no autograd on the parameters
         times = interleaved_median_ms([case.step for case in built], device, repeats, warmup)
+        host_times = [host_ms_per_call(case.step, device, ms) for case, ms in zip(built, times)]
     records = []
-    for case, ms in zip(built, times):
+    for case, ms, host_ms in zip(built, times, host_times):
         gbps = numel * bytes_per_element / (ms * 1e-3) / 1e9
         records.append({
             "update": update, "impl": case.impl, "dtype": str(dtype).replace("torch.", ""), "numel": numel,
-            "median_ms": ms, "gbps": gbps, "pct_of_copy": 100 * gbps / copy_gbps,
+            "median_ms": ms, "host_ms": host_ms, "gbps": gbps, "pct_of_copy": 100 * gbps / copy_gbps,
             "bytes_per_element": bytes_per_element, "same_numerics": case.same_numerics, "note": case.note,
         })  # fmt: skip
     del built

@@ -6,7 +6,7 @@ import csv
 import json
 import os
 
-FIELDS = ["update", "impl", "dtype", "numel", "median_ms", "gbps", "pct_of_copy", "speedup_vs_stock",
+FIELDS = ["update", "impl", "dtype", "numel", "median_ms", "host_ms", "gbps", "pct_of_copy", "speedup_vs_stock",
           "speedup_vs_averaged_model", "bytes_per_element", "same_numerics", "note"]  # fmt: skip
 
 
@@ -20,7 +20,7 @@ def table_head(header: dict) -> str:
         f"{header['device_name']} | torch {header['torch']} | triton {header['triton']} | "
         f"{header['params']} ({header['tensors']} tensors, {header['numel']:,} elements) | "
         f"copy {header['copy_gbps']:.1f} GB/s",
-        f"{'update':6} {'impl':23} {'dtype':9} {'ms':>9} {'GB/s':>8} {'%copy':>6} {'vs stock':>8} {'vs AvgM':>8}  note",
+        f"{'update':6} {'impl':23} {'dtype':9} {'ms':>9} {'host ms':>8} {'GB/s':>8} {'%copy':>6} {'vs stock':>8} {'vs AvgM':>8}  note",
     ])  # fmt: skip
 
 
@@ -30,8 +30,8 @@ def table_rows(records: list[dict]) -> str:
     for r in records:
         note = r["note"] + ("" if r["same_numerics"] else " [other numerics]")
         lines.append(
-            f"{r['update']:6} {r['impl']:23} {r['dtype']:9} {r['median_ms']:9.3f} {r['gbps']:8.1f} "
-            f"{r['pct_of_copy']:6.1f} {_fmt(r['speedup_vs_stock'], '8.2f'):>8} "
+            f"{r['update']:6} {r['impl']:23} {r['dtype']:9} {r['median_ms']:9.3f} {_fmt(r['host_ms'], '8.3f'):>8} "
+            f"{r['gbps']:8.1f} {r['pct_of_copy']:6.1f} {_fmt(r['speedup_vs_stock'], '8.2f'):>8} "
             f"{_fmt(r['speedup_vs_averaged_model'], '8.2f'):>8}  {note}"
         )
     return "\n".join(lines)

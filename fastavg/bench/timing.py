@@ -88,6 +88,50 @@ def interleaved_median_ms(
     return [statistics.median(t) for t in times]
 
 
+HOST_CALLS = 10
+_SLEEP_CYCLES_PER_MS: dict = {}  # device -> GPU clock cycles torch.cuda._sleep spins per millisecond
+
+
+def host_ms_per_call(
+    fn: Callable[[], object], device: torch.device, ms_per_call: float, calls: int = HOST_CALLS
+) -> float | None:
+    """Host time of one ``fn()`` call with the GPU kept busy: a sleeping kernel is queued first, so
+    no call waits for its own kernels and the clock sees only the host's work (Python, launches).
+
+    Beside a case's median time (``ms_per_call``) this says what bounds it: a host time near the
+    median means the kernels waited for the host (H200 run 7: Triton's LAWA alone, a 0.13 ms
+    kernel, at 77% of copy). The sleep lasts three times the calls' median time and 5 ms more: a
+    host slower than that would have been the median. None on the CPU, and where the sleep ended
+    before the calls did (a call that waited for the GPU: AveragedModel reads its counter).
+    """
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda._sleep(int((5.0 + 3 * calls * ms_per_call) * _sleep_cycles_per_ms(device)))
+    slept = torch.cuda.Event()
+    slept.record()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host_ms = (time.perf_counter() - start) * 1e3 / calls
+    still_sleeping = not slept.query()
+    torch.cuda.synchronize(device)
+    return host_ms if still_sleeping else None
+
+
+def _sleep_cycles_per_ms(device: torch.device) -> float:
+    if device not in _SLEEP_CYCLES_PER_MS:
+        cycles = 10_000_000
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        torch.cuda.synchronize(device)
+        _SLEEP_CYCLES_PER_MS[device] = cycles / max(start.elapsed_time(end), 1e-3)
+    return _SLEEP_CYCLES_PER_MS[device]
+
+
 def copy_bandwidth_gbps(device: torch.device, nbytes: int, repeats: int, warmup: int) -> float:
     """Measured device copy bandwidth: bytes read plus bytes written per second, in GB/s."""
     src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device).random_(0, 255)
