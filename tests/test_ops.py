@@ -77,19 +77,20 @@ def test_update_lerps_and_writes_ring_slots(sizes, dtype, misaligned, target):
 @pytest.mark.parametrize("dtype", PARAM_DTYPES, ids=str)
 def test_update_of_rings_alone(sizes, dtype, misaligned, target):
     """A step where only LAWA is due (a launch with no averages: its own kernel in the CUDA and
-    Triton backends): poisoned slots of one ring, then of two, get the parameters; the rest stay."""
+    Triton backends): poisoned slots of one ring, of two, then of three (two launches: at most two
+    rings each) get the parameters; the rest stay."""
     backend, dev = target
     params = _params(sizes, dtype, dev, misaligned=misaligned)
     impls, flat, table = _bind(backend, params, dev)
     n = sum(sizes)
-    rings = [torch.zeros(3, n, dtype=dtype, device=dev), torch.zeros(2, n, dtype=dtype, device=dev)]
-    for slots in ([1], [2, 0]):
+    rings = [torch.zeros(w, n, dtype=dtype, device=dev) for w in (3, 2, 2)]
+    for slots in ([1], [2, 0], [2, 0, 1]):
         for ring, slot in zip(rings, slots):
             _poison(ring[slot])
         impls["update_"](flat, table, [], [], rings[: len(slots)], slots)
         for ring, slot in zip(rings, slots):
             assert torch.equal(ring[slot], torch.cat(params))
-    assert not rings[0][0].any() and not rings[1][1].any()  # slots no step wrote
+    assert not rings[0][0].any() and not rings[1][1].any() and not rings[2][0].any()  # slots no step wrote
     assert all(torch.equal(a, b) for a, b in zip(params, _params(sizes, dtype, dev, misaligned=misaligned)))
 
 
