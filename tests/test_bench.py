@@ -289,6 +289,24 @@ def test_triton_launch_costs_time_both_update_kernels(monkeypatch, capsys):
     assert set(handle_calls) == {(update.update_kernel, 26), (update.snapshot_kernel, 8)}
 
 
+def test_triton_host_cost_runs_the_jit_path_without_a_gpu():
+    """bench/triton_host_cost.py: Triton's real launch path behind a stand-in driver, every row
+    timed (its own process: it compiles, and it replaces the driver)."""
+    pytest.importorskip("triton")
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).resolve().parent.parent / "bench" / "triton_host_cost.py"
+    result = subprocess.run([sys.executable, str(script), "--repeats", "3"], capture_output=True, text=True,
+                            timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    rows = [line.rsplit(None, 2) for line in result.stdout.splitlines() if line.endswith(" us")]
+    assert [name for name, _, _ in rows] == ["update_, LAWA alone", "update_, EMA", "update_, EMA+SWA+LAWA",
+                                             "Averager.step(), LAWA due", "opt.step(), LAWA due"]  # fmt: skip
+    assert all(float(us) > 0 for _, us, _ in rows)
+
+
 def test_kernel_sweep_native_rows_set_and_restore_their_tuning():
     """On a GPU the sweep times the native kernels at each threads-per-block and unroll setting
     (unroll only where set_unroll applies), through the build's tuning hooks, and restores them."""
