@@ -47,7 +47,8 @@ def main():
             "parameter check (148 tensors)": fastavg.Averager(params, "ema", backend=backend).check_params,
             "step, EMA due": fastavg.Averager(params, fastavg.EMA(), backend=backend).step,
             "step, EMA+SWA+LAWA due": fastavg.Averager(params, all_three, backend=backend).step,
-            # Against the next row: what the torch.optim wrapper (profiler label, hooks) adds.
+            # Against the next row: AveragedOptimizer's step wrapper (hooks; the profiler label only
+            # when a profiler runs) and the no-op inner optimizer's step in torch's wrapper (label).
             "step, LAWA due": fastavg.Averager(params, fastavg.LAWA(WINDOW, every=1), backend=backend).step,
             # What fastavg-bench times for LAWA alone (its kernel is the shortest: 0.13 ms on an H200).
             "opt.step(), LAWA due": fastavg_case("lawa", params, backend).step,

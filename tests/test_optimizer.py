@@ -1,6 +1,7 @@
 """AveragedOptimizer / wrap(): a torch.optim.Optimizer that behaves exactly like the one it wraps."""
 
 import copy
+import types
 import warnings
 
 import pytest
@@ -144,6 +145,91 @@ def test_step_hooks_registered_on_the_wrapper_run():
     opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
     opt.step()
     assert calls == ["pre", "post"]
+
+
+def _hook_log(step_function):
+    """Every step hook call of one opt.step(closure) whose class step is ``step_function``: the
+    optimizer, its arguments, in order; a pre-hook swaps the closure for its own."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    model = _model()
+    opt = fastavg.wrap(torch.optim.SGD(model.parameters(), lr=0.1), LAWA(2, every=1))
+    opt.step = types.MethodType(step_function, opt)
+    log = []
+
+    def record(kind):
+        return lambda o, args, kwargs: log.append((kind, type(o).__name__, len(args), sorted(kwargs)))
+
+    def closure():
+        return torch.tensor(3.0)
+
+    handles = [
+        register_optimizer_step_pre_hook(record("global pre")),
+        register_optimizer_step_post_hook(record("global post")),
+        opt.register_step_pre_hook(record("pre")),
+        opt.register_step_pre_hook(lambda o, args, kwargs: (args, {"closure": closure})),
+        opt.register_step_post_hook(record("post")),
+        opt.optimizer.register_step_pre_hook(record("inner pre")),
+    ]
+    try:
+        loss = opt.step()
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert loss == 3.0 and opt.step_count == 1 and opt.num_averaged() == 1
+    return log
+
+
+def test_step_hooks_run_as_torch_optim_runs_them():
+    """AveragedOptimizer's step wrapper skips the profiler label when no profiler runs (10 us per
+    step); the hooks must run exactly as under torch's own wrapper (Optimizer.profile_hook_step)."""
+    ours = fastavg.AveragedOptimizer.step
+    assert ours.hooked  # torch's _patch_step_function does not wrap it a second time
+    torchs = torch.optim.Optimizer.profile_hook_step(ours.__wrapped__)
+    log = _hook_log(ours)
+    assert log == _hook_log(torchs)
+    assert [entry[:2] for entry in log] == [
+        ("global pre", "AveragedOptimizer"),
+        ("pre", "AveragedOptimizer"),
+        ("global pre", "SGD"),
+        ("inner pre", "SGD"),
+        ("global post", "SGD"),
+        ("post", "AveragedOptimizer"),
+        ("global post", "AveragedOptimizer"),
+    ]
+    assert log[-1][2:] == (1, ["closure"])  # the hooks after the swap see the new arguments
+
+
+def test_a_step_pre_hook_returning_something_else_raises_before_any_step():
+    model = _model()
+    opt = fastavg.wrap(torch.optim.SGD(model.parameters(), lr=0.1))
+    opt.register_step_pre_hook(lambda o, args, kwargs: "not a tuple")
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="must return None or a tuple"):
+        opt.step()
+    assert opt.step_count == 0 and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_the_step_has_its_profiler_label_only_when_a_profiler_runs(monkeypatch):
+    model = _model()
+    opt = fastavg.wrap(torch.optim.SGD(model.parameters(), lr=0.1))
+    model(_batch(0)).sum().backward()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        opt.step()
+    names = {event.name for event in profile.events()}
+    assert {"Optimizer.step#AveragedOptimizer.step", "Optimizer.step#SGD.step"} <= names
+
+    labels = []
+    record_function = torch.autograd.profiler.record_function
+
+    def counting(name, *args):
+        labels.append(name)
+        return record_function(name, *args)
+
+    monkeypatch.setattr(torch.autograd.profiler, "record_function", counting)
+    opt.step()
+    assert labels == ["Optimizer.step#SGD.step"]  # the inner optimizer's, from torch's own wrapper
+    assert opt.step_count == 2
 
 
 def test_several_param_groups_and_dtypes(backend):
