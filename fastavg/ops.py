@@ -61,16 +61,22 @@ def _no_op(*args, **kwargs) -> None:
     return None
 
 
-def update_launches(averages, weights, rings, slots, max_averages: int, max_rings: int):
+def update_launches(averages, weights, rings, slots, max_averages: int, max_rings: int) -> list[tuple]:
     """``update_``'s buffers in batches for kernels that take at most ``max_averages`` averages and
-    ``max_rings`` ring slots per launch: yields (averages, weights, ring slot views) per launch."""
+    ``max_rings`` ring slots per launch: a list of (averages, weights, ring slot views), one per launch."""
     slot_views = [ring[slot] for ring, slot in zip(rings, slots)]
+    if len(averages) <= max_averages and len(slot_views) <= max_rings:
+        # One launch, the usual case: runs every training step, so it skips the batching (1 us).
+        return [(averages, weights, slot_views)] if averages or slot_views else []
     launches = max(-(-len(averages) // max_averages), -(-len(slot_views) // max_rings))
-    for i in range(launches):
-        avg = averages[i * max_averages : (i + 1) * max_averages]
-        rng = slot_views[i * max_rings : (i + 1) * max_rings]
-        if avg or rng:
-            yield avg, weights[i * max_averages : (i + 1) * max_averages], rng
+    return [
+        (
+            averages[i * max_averages : (i + 1) * max_averages],
+            weights[i * max_averages : (i + 1) * max_averages],
+            slot_views[i * max_rings : (i + 1) * max_rings],
+        )
+        for i in range(launches)
+    ]
 
 
 @dataclass

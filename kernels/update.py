@@ -143,23 +143,25 @@ def _plan(p_dtype, avg_dtype, ring_dtype, n_avg: int, n_ring: int, block, num_wa
     return kernel, types.MappingProxyType(constexprs), (p_dtype, avg_dtype, ring_dtype, *constexprs.items())
 
 
-def launches(params, table, averages, weights, rings, slots, *, block=None, num_warps=NUM_WARPS):
+def launches(params, table, averages, weights, rings, slots, *, block=None, num_warps=NUM_WARPS) -> list[tuple]:
     """(kernel, arguments, constexprs, grid key) for each launch of ``update_``: at most 4 averages
     and 2 rings per launch; ``snapshot_kernel`` where a launch has rings only."""
     n_rows = table.shape[0]
     p_dtype = params[0].dtype
     avg_dtype = averages[0].dtype if averages else None
     ring_dtype = rings[0].dtype if rings else None
+    plans = []
     for avg, wts, rng in update_launches(averages, weights, rings, slots, MAX_AVERAGES, MAX_RINGS):
         kernel, constexprs, key = _plan(p_dtype, avg_dtype, ring_dtype, len(avg), len(rng), block, num_warps)
         filler = (avg or rng)[0]  # unused pointer slots: never dereferenced (N_AVG / N_RING)
         ring_pointers = (*rng, *[filler] * (MAX_RINGS - len(rng)))
-        if not avg:
-            yield kernel, (table, n_rows, *ring_pointers), constexprs, key
-            continue
-        pointers = (*avg, *[filler] * (MAX_AVERAGES - len(avg)))
-        coefficients = [c for w in [*wts, *[0.0] * (MAX_AVERAGES - len(wts))] for c in split_weight(w)]
-        yield kernel, (table, n_rows, *pointers, *coefficients, *ring_pointers), constexprs, key
+        if avg:
+            pointers = (*avg, *[filler] * (MAX_AVERAGES - len(avg)))
+            coefficients = [c for w in [*wts, *[0.0] * (MAX_AVERAGES - len(wts))] for c in split_weight(w)]
+            plans.append((kernel, (table, n_rows, *pointers, *coefficients, *ring_pointers), constexprs, key))
+        else:
+            plans.append((kernel, (table, n_rows, *ring_pointers), constexprs, key))
+    return plans
 
 
 def update_(params, table, averages, weights, rings, slots, *, block=None, num_warps=NUM_WARPS) -> None:
