@@ -57,10 +57,11 @@ def _run_step_hooks(step, optimizer, args, kwargs):
     return out
 
 
-# The global hooks are private to torch.optim; where a torch lacks them, its own wrapper is used.
+# The global hooks and the profiler's entry point are private to torch.optim; where a torch lacks
+# them, its own wrapper is used.
 _CAN_HOOK_STEP = all(
     hasattr(torch_optimizer, name) for name in ("_global_optimizer_pre_hooks", "_global_optimizer_post_hooks")
-)
+) and hasattr(torch.optim.Optimizer, "_optimizer_step_code")
 
 
 class AveragedOptimizer(torch.optim.Optimizer):
