@@ -6,9 +6,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <type_traits>
 #include <vector>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "error_text.h"
 #include "fastavg_math.h"
@@ -55,6 +60,37 @@ FASTAVG_CLONES void convert(T* __restrict__ dst, const U* __restrict__ src, int6
   }
 }
 
+// Copies into a buffer nothing reads again soon: a LAWA ring slot (read by averaged() or overwritten
+// window x every steps later) or averaged()'s backup (read back after the evaluation). Non-temporal
+// stores skip the read a cached store makes of each destination line before writing it: with that
+// read, a copy moves 3 bytes per 2 it copies. LAWA alone on GPT-2 124M shapes (2-core AMD EPYC,
+// bf16, 2 threads): 16 ms with memcpy, 11 ms with these 16-byte streaming stores. SSE2 is baseline
+// x86-64; elsewhere memcpy. The stores are weakly ordered: call stream_fence() before the task ends.
+template <typename T>
+void stream_copy(T* __restrict__ dst, const T* __restrict__ src, int64_t n) {
+  char* d = reinterpret_cast<char*>(dst);
+  const char* s = reinterpret_cast<const char*>(src);
+  const int64_t bytes = n * static_cast<int64_t>(sizeof(T));
+#if defined(__SSE2__)
+  const int64_t head = std::min<int64_t>(bytes, (16 - reinterpret_cast<std::uintptr_t>(d) % 16) % 16);
+  std::memcpy(d, s, head);
+  int64_t j = head;
+  for (; j + 16 <= bytes; j += 16) {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + j), _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + j)));
+  }
+  std::memcpy(d + j, s + j, bytes - j);
+#else
+  std::memcpy(d, s, bytes);
+#endif
+}
+
+// Orders a task's stream_copy stores before what follows (the end of the parallel region).
+inline void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
 template <typename A, typename M>
 FASTAVG_CLONES void lerp_into(A* __restrict__ average, const M* __restrict__ p, int64_t n, M w) {
   for (int64_t j = 0; j < n; ++j) average[j] = static_cast<A>(lerp(static_cast<M>(average[j]), p[j], w));
@@ -80,14 +116,15 @@ void update_impl(at::TensorList params, at::TensorList averages, at::ArrayRef<do
     const int64_t base = offset;
     at::parallel_for(0, param.numel(), kGrain, [&](int64_t begin, int64_t end) {
       if (avg.empty()) {  // rings alone: one copy of the whole range, nothing to convert
-        for (size_t k = 0; k < slot.size(); ++k) convert(slot[k] + base + begin, p + begin, end - begin);
+        for (size_t k = 0; k < slot.size(); ++k) stream_copy(slot[k] + base + begin, p + begin, end - begin);
+        stream_fence();
         return;
       }
       M block[kBlock];
       for (int64_t start = begin; start < end; start += kBlock) {
         const int64_t n = std::min(kBlock, end - start);
         // Block by block, so the parameters are read from memory once for rings and averages alike.
-        for (size_t k = 0; k < slot.size(); ++k) convert(slot[k] + base + start, p + start, n);
+        for (size_t k = 0; k < slot.size(); ++k) stream_copy(slot[k] + base + start, p + start, n);
         // Parameters already in the math type are read in place; others are converted once per block.
         const M* source = reinterpret_cast<const M*>(p + start);
         if (!std::is_same<P, M>::value) {
@@ -102,6 +139,7 @@ void update_impl(at::TensorList params, at::TensorList averages, at::ArrayRef<do
           }
         }
       }
+      stream_fence();
     });
     offset += param.numel();
   }
@@ -141,7 +179,8 @@ void swap_impl(at::TensorList params, P* backup, const void* source, int64_t str
     P* p = param.data_ptr<P>();
     const int64_t base = offset;
     at::parallel_for(0, param.numel(), kGrain, [&](int64_t begin, int64_t end) {
-      convert(backup + base + begin, p + begin, end - begin);
+      stream_copy(backup + base + begin, p + begin, end - begin);
+      stream_fence();
       if (!FromRing) {
         convert(p + begin, static_cast<const A*>(source) + base + begin, end - begin);
         return;
