@@ -96,6 +96,35 @@ FASTAVG_CLONES void lerp_into(A* __restrict__ average, const M* __restrict__ p, 
   for (int64_t j = 0; j < n; ++j) average[j] = static_cast<A>(lerp(static_cast<M>(average[j]), p[j], w));
 }
 
+// total[j] += row[j] in double: one ring row of a LAWA mean, a contiguous stream the compiler
+// vectorises (per element, with the rows in the inner loop, it did not: averaged() of LAWA(5)
+// on GPT-2 124M bf16 took 365 ms here against 129 ms for an EMA).
+template <typename R>
+FASTAVG_CLONES void add_row(double* __restrict__ total, const R* __restrict__ row, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) total[j] += static_cast<double>(row[j]);
+}
+
+// dst[j] = means[j] rounded to A (the averages' dtype), then to T.
+template <typename T, typename A>
+FASTAVG_CLONES void store_means(T* __restrict__ dst, const double* __restrict__ means, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<T>(static_cast<A>(means[j]));
+}
+
+// The mean of a ring's first `count` rows over [begin, end): block by block, each block's rows
+// summed in order k = 0, 1, ... (the sums of the per-element loop, bit for bit), then
+// write(start, means_of_block_as_double, n).
+template <typename R, typename Write>
+void ring_means(const R* ring, int64_t stride, int64_t count, int64_t begin, int64_t end, Write&& write) {
+  double total[kBlock];
+  for (int64_t start = begin; start < end; start += kBlock) {
+    const int64_t n = std::min(kBlock, end - start);
+    std::fill(total, total + n, 0.0);
+    for (int64_t k = 0; k < count; ++k) add_row(total, ring + k * stride + start, n);
+    for (int64_t j = 0; j < n; ++j) total[j] = mean(total[j], count);
+    write(start, total, n);
+  }
+}
+
 template <typename P, typename A>
 void update_impl(at::TensorList params, at::TensorList averages, at::ArrayRef<double> weights,
                  at::TensorList rings, at::IntArrayRef slots) {
@@ -185,12 +214,8 @@ void swap_impl(at::TensorList params, P* backup, const void* source, int64_t str
         convert(p + begin, static_cast<const A*>(source) + base + begin, end - begin);
         return;
       }
-      for (int64_t j = begin; j < end; ++j) {
-        const P* ring = static_cast<const P*>(source) + base + j;
-        double total = 0;
-        for (int64_t k = 0; k < count; ++k) total += static_cast<double>(ring[k * stride]);
-        p[j] = static_cast<P>(static_cast<A>(mean(total, count)));
-      }
+      ring_means(static_cast<const P*>(source) + base, stride, count, begin, end,
+                 [&](int64_t start, const double* means, int64_t n) { store_means<P, A>(p + start, means, n); });
     });
     offset += param.numel();
   }
@@ -263,11 +288,9 @@ void ring_mean_cpu(const at::Tensor& out, const at::Tensor& ring, int64_t count)
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "ring_mean_out", [&] {
       scalar_t* o = out.data_ptr<scalar_t>();
       at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
-        for (int64_t j = begin; j < end; ++j) {
-          double total = 0;
-          for (int64_t k = 0; k < count; ++k) total += static_cast<double>(r[k * stride + j]);
-          o[j] = static_cast<scalar_t>(mean(total, count));
-        }
+        ring_means(r, stride, count, begin, end, [&](int64_t start, const double* means, int64_t m) {
+          store_means<scalar_t, scalar_t>(o + start, means, m);
+        });
       });
     });
   });
