@@ -86,6 +86,13 @@ def main(argv=None) -> None:
     parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--threads", type=int, nargs="+", default=[256, 128], help="native CUDA threads per block")
     parser.add_argument("--unroll", type=int, nargs="+", default=[1, 2, 4], help="native CUDA unroll (LAWA, swap)")
+    parser.add_argument(
+        "--lawa-chunks",
+        type=int,
+        nargs="+",
+        default=[1 << 16, 1 << 17],
+        help="also time LAWA alone over tables of these row lengths (the default table's: 2^15)",
+    )
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test")
@@ -121,6 +128,18 @@ def main(argv=None) -> None:
     for backend in ("triton", "native"):
         if available[backend] is None:
             runs[("all", f"opt.step() {backend}")] = (fastavg_case("all", params, backend).step, None)
+    # LAWA alone over longer rows: each row starts with a table read that the row's first loads
+    # wait for, and at 2^15 elements a LAWA block walks two rows, so twice that wait. The grid
+    # hardly changes (GPT-2 at 2^16: 1,995 rows, one per block, against 3,892 rows, two per block).
+    for chunk in args.lawa_chunks:
+        coarse = (params, build_table(params, chunk), *buffers[2:])
+        suffix = f", rows of 2^{chunk.bit_length() - 1}" if chunk & (chunk - 1) == 0 else f", rows of {chunk}"
+        if available["triton"] is None:
+            from fastavg.kernels import update
+
+            runs[("lawa", "triton" + suffix)] = (lambda c=coarse: update.update_(*update_args("lawa", c)), None)
+        if available["native"] is None:
+            runs[("lawa", "native" + suffix)] = (native_run("lawa", coarse), None)
     # LAWA alone moves half the copy baseline's bytes (0.5 GB against 1 GiB) in one launch of ~0.13 ms,
     # where a launch's fixed ramp-up and drain weigh twice as much: torch's own copy of the same bytes,
     # one contiguous tensor, says how near 100% a kernel of that size can come (native: 89-90%, runs 5-7).

@@ -20,15 +20,18 @@ ALIGN_BYTES, ALIGN_ELEMENTS = 16, 8
 COLUMNS = 4  # address, flat offset, length, aligned
 
 
-def build_table(flat_params: list[torch.Tensor]) -> torch.Tensor:
-    """``(rows, 4)`` int64 on the parameters' device: (address, flat offset, length, aligned) per chunk."""
+def build_table(flat_params: list[torch.Tensor], chunk: int = CHUNK) -> torch.Tensor:
+    """``(rows, 4)`` int64 on the parameters' device: (address, flat offset, length, aligned) per
+    chunk of at most ``chunk`` elements (another size only for tuning: bench/kernel_sweep.py)."""
+    if chunk < ALIGN_ELEMENTS or chunk % ALIGN_ELEMENTS:
+        raise ValueError(f"chunk must be a positive multiple of {ALIGN_ELEMENTS}, got {chunk}")
     rows, offset = [], 0
     for p in flat_params:
         numel, item, address = p.numel(), p.element_size(), p.data_ptr()
-        for start in range(0, numel, CHUNK):
+        for start in range(0, numel, chunk):
             row_address = address + start * item
             aligned = row_address % ALIGN_BYTES == 0 and (offset + start) % ALIGN_ELEMENTS == 0
-            rows.append((row_address, offset + start, min(CHUNK, numel - start), int(aligned)))
+            rows.append((row_address, offset + start, min(chunk, numel - start), int(aligned)))
         offset += numel
     table = torch.tensor(rows, dtype=torch.int64).reshape(-1, COLUMNS)
     return table.to(flat_params[0].device) if flat_params else table

@@ -244,6 +244,7 @@ def test_kernel_sweep_runs_every_kernel(capsys):
     expected |= {("swap", k) for k in ("triton", "native") if k in available}
     expected |= {("all", f"opt.step() {b}") for b in ("triton", "native") if b in available}
     expected |= {("lawa", "torch copy_, same bytes")}  # the ceiling for a transfer of LAWA's size
+    expected |= {("lawa", f"{b}, rows of 2^{e}") for b in ("triton", "native") if b in available for e in (16, 17)}
     assert {(r[0], " ".join(r[1:-3])) for r in rows} == expected and expected
     assert all(float(r[-3]) > 0 for r in rows)
     for update in ("ema", "lawa", "all", "swap"):  # the sweep's byte counts are the benchmark's

@@ -94,6 +94,20 @@ def test_update_of_rings_alone(sizes, dtype, misaligned, target):
     assert all(torch.equal(a, b) for a, b in zip(params, _params(sizes, dtype, dev, misaligned=misaligned)))
 
 
+@pytest.mark.parametrize("chunk", [1000, 1 << 16])
+def test_update_of_rings_alone_over_rows_of_other_lengths(chunk, target):
+    """The kernels walk rows of any length (a multiple of the vector width): kernel_sweep.py times
+    LAWA alone over tables of longer rows than the default's."""
+    from fastavg.table import build_table
+
+    backend, dev = target
+    params = _params([70000, 7, 4099], torch.bfloat16, dev)
+    impls, flat, _ = _bind(backend, params, dev)
+    ring = _poison(torch.empty(2, 74106, dtype=torch.bfloat16, device=dev))
+    impls["update_"](flat, build_table(flat, chunk), [], [], [ring], [1])
+    assert torch.equal(ring[1], torch.cat(params)) and ring[0].isnan().all()
+
+
 def test_update_with_many_averages_and_rings(target):
     backend, dev = target
     params = _params([5, 300, 2], torch.bfloat16, dev)
