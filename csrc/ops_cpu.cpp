@@ -65,7 +65,7 @@ FASTAVG_CLONES void convert(T* __restrict__ dst, const U* __restrict__ src, int6
 // stores skip the read a cached store makes of each destination line before writing it: with that
 // read, a copy moves 3 bytes per 2 it copies. LAWA alone on GPT-2 124M shapes (2-core AMD EPYC,
 // bf16, 2 threads): 16 ms with memcpy, 11 ms with these 16-byte streaming stores. SSE2 is baseline
-// x86-64; elsewhere memcpy. The stores are weakly ordered: call stream_fence() before the task ends.
+// x86-64; elsewhere memcpy. The stores are weakly ordered: stream_fence() before the task ends.
 template <typename T>
 void stream_copy(T* __restrict__ dst, const T* __restrict__ src, int64_t n) {
   char* d = reinterpret_cast<char*>(dst);
@@ -90,6 +90,35 @@ inline void stream_fence() {
   _mm_sfence();
 #endif
 }
+
+// The fence waits for the task's streamed stores to reach memory, so a task that copies little
+// keeps cached stores: streaming every task, 148 small tensors' LAWA step (bench/step_overhead.py,
+// host cost) went from 28-30 us to 40-46 us. A 32K-element task of bf16 (64 KB) streams.
+constexpr int64_t kStreamMinBytes = 32 << 10;
+
+// One task's copies into a ring slot or backup: streamed when the task is large enough to pay for
+// the fence, which the destructor issues; cached otherwise.
+template <typename T>
+class SinkCopies {
+ public:
+  explicit SinkCopies(int64_t task_elements)
+      : stream_(task_elements * static_cast<int64_t>(sizeof(T)) >= kStreamMinBytes) {}
+  SinkCopies(const SinkCopies&) = delete;
+  SinkCopies& operator=(const SinkCopies&) = delete;
+  ~SinkCopies() {
+    if (stream_) stream_fence();
+  }
+  void copy(T* dst, const T* src, int64_t n) const {
+    if (stream_) {
+      stream_copy(dst, src, n);
+    } else {
+      convert(dst, src, n);
+    }
+  }
+
+ private:
+  const bool stream_;
+};
 
 template <typename A, typename M>
 FASTAVG_CLONES void lerp_into(A* __restrict__ average, const M* __restrict__ p, int64_t n, M w) {
@@ -145,16 +174,16 @@ void update_impl(at::TensorList params, at::TensorList averages, at::ArrayRef<do
     const P* p = param.data_ptr<P>();
     const int64_t base = offset;
     at::parallel_for(0, param.numel(), kGrain, [&](int64_t begin, int64_t end) {
+      const SinkCopies<P> sink(end - begin);
       if (avg.empty()) {  // rings alone: one copy of the whole range, nothing to convert
-        for (size_t k = 0; k < slot.size(); ++k) stream_copy(slot[k] + base + begin, p + begin, end - begin);
-        stream_fence();
+        for (size_t k = 0; k < slot.size(); ++k) sink.copy(slot[k] + base + begin, p + begin, end - begin);
         return;
       }
       M block[kBlock];
       for (int64_t start = begin; start < end; start += kBlock) {
         const int64_t n = std::min(kBlock, end - start);
         // Block by block, so the parameters are read from memory once for rings and averages alike.
-        for (size_t k = 0; k < slot.size(); ++k) stream_copy(slot[k] + base + start, p + start, n);
+        for (size_t k = 0; k < slot.size(); ++k) sink.copy(slot[k] + base + start, p + start, n);
         // Parameters already in the math type are read in place; others are converted once per block.
         const M* source = reinterpret_cast<const M*>(p + start);
         if (!std::is_same<P, M>::value) {
@@ -169,7 +198,6 @@ void update_impl(at::TensorList params, at::TensorList averages, at::ArrayRef<do
           }
         }
       }
-      stream_fence();
     });
     offset += param.numel();
   }
@@ -209,8 +237,7 @@ void swap_impl(at::TensorList params, P* backup, const void* source, int64_t str
     P* p = param.data_ptr<P>();
     const int64_t base = offset;
     at::parallel_for(0, param.numel(), kGrain, [&](int64_t begin, int64_t end) {
-      stream_copy(backup + base + begin, p + begin, end - begin);
-      stream_fence();
+      SinkCopies<P>(end - begin).copy(backup + base + begin, p + begin, end - begin);  // a temporary: fenced at once
       if (!FromRing) {
         convert(p + begin, static_cast<const A*>(source) + base + begin, end - begin);
         return;
