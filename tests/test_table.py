@@ -6,27 +6,28 @@ import torch
 from fastavg.table import ALIGN_BYTES, ALIGN_ELEMENTS, CHUNK, build_table
 
 
-def _expected_rows(params, chunk):
-    rows, offset = [], 0
-    for p in params:
-        for start in range(0, p.numel(), chunk):
-            address = p.data_ptr() + start * p.element_size()
-            aligned = address % ALIGN_BYTES == 0 and (offset + start) % ALIGN_ELEMENTS == 0
-            rows.append([address, offset + start, min(chunk, p.numel() - start), int(aligned)])
-        offset += p.numel()
-    return rows
-
-
 @pytest.mark.parametrize("chunk", [CHUNK, 8, 24, 1 << 16])
 def test_rows_tile_every_parameter_in_order(chunk):
     storage = torch.randn(3 * CHUNK + 40).bfloat16()
-    # Sizes 1, 7, 4099 and one over two default chunks; the last view starts 1 element in: misaligned.
+    # Sizes 1, 7, 4099 and one over two default chunks, views of one 64-byte-aligned storage.
     params = [storage[:1], storage[8:15], storage[16:4115], storage[4121 : 4121 + 2 * CHUNK + 3]]
     table = build_table(params, chunk)
     assert table.dtype == torch.int64 and table.shape[1] == 4
-    assert table.tolist() == _expected_rows(params, chunk)
-    assert table[:, 2].sum() == sum(p.numel() for p in params) and table[:, 2].max() <= chunk
-    assert table[-1, 3] == 0 and table[2, 3] == 1  # the misaligned view, an aligned one
+    rows, flat_start = iter(table.tolist()), 0
+    for i, p in enumerate(params):
+        covered = 0
+        while covered < p.numel():  # full chunks, then the parameter's remainder
+            address, offset, length, aligned = next(rows)
+            assert offset == flat_start + covered and address == p.data_ptr() + covered * p.element_size()
+            assert length == min(chunk, p.numel() - covered)
+            # 16-byte vectors are valid for params, averages and rings alike: both alignments hold
+            assert aligned == int(address % ALIGN_BYTES == 0 and offset % ALIGN_ELEMENTS == 0)
+            # Known here: the 1-element view at flat 0; 7 at flat 1 (misplaced in the flat buffers); 4099
+            # at flat 8, 32 bytes in; the last 1 element into the storage.
+            assert aligned == [1, 0, 1, 0][i]
+            covered += length
+        flat_start += p.numel()
+    assert next(rows, None) is None
 
 
 @pytest.mark.parametrize("chunk", [0, -8, 12])
