@@ -18,10 +18,10 @@ import torch
 
 import fastavg
 from fastavg.bench.cases import fastavg_case, minimal_bytes_per_element
-from fastavg.bench.native_launch import distinct, label, launch_settings, tuning_hooks
+from fastavg.bench.native_launch import current_settings, distinct, label, launch_settings, tuning_hooks
 from fastavg.bench.shapes import gpt2_shapes
 from fastavg.bench.timing import copy_bandwidth_gbps, median_ms
-from fastavg.table import build_table
+from fastavg.table import CHUNK, build_table
 
 # (averages, rings) due: EMA alone, LAWA alone, EMA and LAWA, all three; and swap (averaged() in and out).
 UPDATES = {"ema": (1, 0), "lawa": (0, 1), "ema+lawa": (1, 1), "all": (2, 1), "swap": None}
@@ -80,22 +80,41 @@ def native_run(name, buffers):
     return lambda: ops.update_(*call_args)
 
 
-def lawa_question_rows(params, buffers, chunks, available) -> dict:
-    """LAWA alone at 89-90% of copy (H200 runs 5-7), two rows that ask why: the same update over
-    tables of longer rows, and torch's own copy of the same bytes."""
+def rows_of(chunk: int) -> str:
+    """A row label's table: ``rows of 2^16``."""
+    return f"rows of 2^{chunk.bit_length() - 1}" if chunk & (chunk - 1) == 0 else f"rows of {chunk}"
+
+
+def lawa_question_rows(params, buffers, chunks, per_row_chunks, available, tuning) -> dict:
+    """LAWA alone at 89-90% of copy (H200 runs 5-7), rows that ask why: the same update over tables of
+    longer rows; native with one block per row, over tables of shorter ones; and torch's own copy of
+    the same bytes."""
     runs = {}
     # Each row starts with a table read that its first loads wait for, and at 2^15 elements a LAWA
     # block walks two rows, so twice that wait. The grid hardly changes (GPT-2 at 2^16: 1,995 rows,
     # one per block, against 3,892 rows, two per block; at 2^17, 1,059 rows on half the grid).
     for chunk in chunks:
         coarse = (params, build_table(params, chunk), *buffers[2:])
-        suffix = f", rows of 2^{chunk.bit_length() - 1}" if chunk & (chunk - 1) == 0 else f", rows of {chunk}"
         if available["triton"] is None:
             from fastavg.kernels import update
 
-            runs[("lawa", "triton" + suffix)] = (lambda c=coarse: update.update_(*update_args("lawa", c)), None)
+            runs[("lawa", f"triton, {rows_of(chunk)}")] = (
+                lambda c=coarse: update.update_(*update_args("lawa", c)),
+                None,
+            )
         if available["native"] is None:
-            runs[("lawa", "native" + suffix)] = (native_run("lawa", coarse), None)
+            runs[("lawa", f"native, {rows_of(chunk)}")] = (native_run("lawa", coarse), None)
+    # The persistent grid's drain: its blocks each walk an equal share, ~0.13 ms long, and an SM whose
+    # blocks finish first idles to the end. A grid of one block per row (the GPU starts each block as a
+    # slot frees) ends within one row's time: 2^13 elements are 16 KB of bf16, four passes of a block.
+    if available["native"] is None and tuning is not None:
+        threads, unroll = current_settings(tuning)
+        for chunk in per_row_chunks:
+            table = buffers[1] if chunk == CHUNK else build_table(params, chunk)
+            runs[("lawa", f"native, a block per row, {rows_of(chunk)}")] = (
+                native_run("lawa", (params, table, *buffers[2:])),
+                (threads, unroll, True),
+            )
     # LAWA alone moves half the copy baseline's bytes (0.5 GB against 1 GiB) in one launch of ~0.13 ms,
     # where a launch's fixed ramp-up and drain weigh twice as much: torch's own copy of the same bytes,
     # one contiguous tensor, says how near 100% a kernel of that size can come.
@@ -118,6 +137,13 @@ def main(argv=None) -> None:
         default=[1 << 16, 1 << 17],
         help="also time LAWA alone over tables of these row lengths (the default table's: 2^15)",
     )
+    parser.add_argument(
+        "--per-row-chunks",
+        type=int,
+        nargs="+",
+        default=[1 << 13, 1 << 14, CHUNK],
+        help="also time native LAWA alone with one block per row, over tables of these row lengths (GPU only)",
+    )
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test")
@@ -135,7 +161,8 @@ def main(argv=None) -> None:
     copy_gbps = copy_bandwidth_gbps(device, 1 << 20 if args.quick else 1 << 30, args.repeats, 3)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{device_name}: GPT-2 {n:,} bf16 weights, {buffers[1].shape[0]} rows; copy {copy_gbps:.0f} GB/s")
-    print(f"{'update':8} {'kernel':28} {'ms':>8} {'GB/s':>8} {'% copy':>7}")
+    # Four decimals and a tenth of a point: LAWA alone's question is a fraction of a point (89.8% of 90%).
+    print(f"{'update':8} {'kernel':40} {'ms':>9} {'GB/s':>8} {'% copy':>7}")
 
     available = fastavg.available_backends(device.type)
     tuning = tuning_hooks() if device.type == "cuda" else None
@@ -150,7 +177,7 @@ def main(argv=None) -> None:
             native = native_rows(name, native_run(name, buffers), tuning, args.threads, args.unroll)
             runs.update({(name, kernel): row for kernel, row in native.items()})
         if name == "lawa":
-            runs.update(lawa_question_rows(params, buffers, args.lawa_chunks, available))
+            runs.update(lawa_question_rows(params, buffers, args.lawa_chunks, args.per_row_chunks, available, tuning))
     # The same update through opt.step() as fastavg-bench times it (the Averager's own buffers, the
     # ring slot cycling over 5, a first step that copies): Triton's EMA+SWA+LAWA ran at 84% there
     # and 90% here (H200 runs 3-5) while its grid came from the first step's kernel (update.py).
@@ -161,7 +188,7 @@ def main(argv=None) -> None:
         with launch_settings(tuning, *settings) if settings else contextlib.nullcontext():
             ms = median_ms(fn, device, args.repeats, 1 if args.quick else 3, calls=1 if args.quick else 20)
         gbps = n * bytes_per_element(name) / (ms * 1e-3) / 1e9
-        print(f"{name:8} {kernel:28} {ms:8.3f} {gbps:8.0f} {100 * gbps / copy_gbps:6.0f}%")
+        print(f"{name:8} {kernel:40} {ms:9.4f} {gbps:8.0f} {100 * gbps / copy_gbps:6.1f}%")
 
 
 if __name__ == "__main__":

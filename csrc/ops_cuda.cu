@@ -27,6 +27,20 @@ unsigned blocks_for(Kernel kernel, int64_t work, int device, int threads) {
   return static_cast<unsigned>(balanced_blocks(work, int64_t(sms > 0 ? sms : 1) * (per_sm > 0 ? per_sm : 1)));
 }
 
+// Update and swap launches' grid (set_block_per_row): the persistent grid above (false, the default),
+// or one block per table row (true), which the GPU runs in waves as blocks finish, so that no block
+// is left with work when the others are done. A question for the sweep: LAWA alone, a 0.13 ms
+// copy, stays at 89-90% of copy (H200, runs 6 and 7) while the longer updates reach 91-94%, as if a
+// fixed part of each launch, the ramp-up or the drain, were not moving bytes.
+std::atomic<bool> block_per_row{false};
+constexpr int64_t kMaxGridX = 2147483647;  // gridDim.x's limit: the kernels' row loop covers any rows past it
+
+template <typename Kernel>
+unsigned grid_for(Kernel kernel, int64_t rows, int device, int threads) {
+  if (block_per_row.load()) return static_cast<unsigned>(rows < kMaxGridX ? rows : kMaxGridX);
+  return blocks_for(kernel, rows, device, threads);
+}
+
 // Threads per block of update and swap launches (set_block_threads): 128, as Triton's programs. At
 // 256, every native bf16 update ran 1 to 3 points of copy under Triton's at the same work per thread
 // (H200, run 6, benchmark: EMA 91.2% against 93.2% at 128, SWA 90.6% against 93.2%, swap 89.9%
@@ -56,7 +70,7 @@ const char* update(UpdateArgs args, Dtype param, Dtype average, int device, void
   const bool supported = dispatch_pair(param, average, [&](auto p_tag, auto a_tag) {
     with_update_kernel<decltype(p_tag), decltype(a_tag)>(args, unroll.load(), [&](auto kernel) {
       const int threads = block_threads.load();
-      kernel<<<blocks_for(kernel, args.rows, device, threads), threads, 0, static_cast<cudaStream_t>(stream)>>>(args);
+      kernel<<<grid_for(kernel, args.rows, device, threads), threads, 0, static_cast<cudaStream_t>(stream)>>>(args);
     });
   });
   return supported ? last_error() : kUnsupportedPair;
@@ -72,7 +86,7 @@ const char* swap(const int64_t* table, int64_t rows, void* backup, const void* s
     P* b = static_cast<P*>(backup);
     auto launch = [&](auto kernel) {
       const int threads = block_threads.load();
-      kernel<<<blocks_for(kernel, rows, device, threads), threads, 0, s>>>(table, rows, b, source, stride, count,
+      kernel<<<grid_for(kernel, rows, device, threads), threads, 0, s>>>(table, rows, b, source, stride, count,
                                                                           vectors_ok);
     };
     with_swap_kernel<P, A>(mode, unroll.load(), launch);
@@ -102,6 +116,11 @@ int set_block_threads(int threads) {
 int set_unroll(int factor) {
   if (!valid_unroll(factor)) return -1;
   return unroll.exchange(factor);
+}
+
+int set_block_per_row(int on) {
+  if (on != 0 && on != 1) return -1;
+  return block_per_row.exchange(on == 1) ? 1 : 0;
 }
 
 }  // namespace cuda

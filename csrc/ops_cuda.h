@@ -36,6 +36,9 @@ int set_block_threads(int threads);
 // Vectors per thread per pass of later ring-only update and vector swap launches, as a multiple of
 // one, for tuning: 1, 2 (the default) or 4. Returns the previous value, or -1 (unchanged).
 int set_unroll(int factor);
+// Later update and swap launches' grid, for tuning: 0, the default, a persistent grid of at most the
+// blocks resident at once; 1, one block per table row. Returns the previous value, or -1 (unchanged).
+int set_block_per_row(int on);
 
 }  // namespace cuda
 }  // namespace fastavg

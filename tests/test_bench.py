@@ -3,6 +3,7 @@
 import csv
 import json
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ class FakeTuningHooks:
     unroll, not at the build's defaults, so a row's restore is seen to undo its own setting."""
 
     def __init__(self):
-        self.state, self.log = [256, 1], []
+        self.state, self.log = [256, 1, 0], []
 
     def set_block_threads(self, threads):
         if threads % 32 or not 32 <= threads <= 256:
@@ -32,6 +33,13 @@ class FakeTuningHooks:
             return -1
         self.log.append(("unroll", unroll))
         previous, self.state[1] = self.state[1], unroll
+        return previous
+
+    def set_block_per_row(self, on):
+        if on not in (0, 1):
+            return -1
+        self.log.append(("block_per_row", on))
+        previous, self.state[2] = self.state[2], on
         return previous
 
 
@@ -308,6 +316,33 @@ def test_triton_host_cost_runs_the_jit_path_without_a_gpu():
     assert all(float(us) > 0 for _, us, _ in rows)
 
 
+@pytest.mark.skipif(fastavg.available_backends("cpu")["native"] is not None, reason="needs the native backend")
+def test_kernel_sweep_times_native_lawa_with_a_block_per_row_where_the_build_has_hooks():
+    """The sweep's LAWA rows with one block per row (CUDA builds' hooks; a stand-in here): each at the
+    build's threads and unroll, over its own table, and each writes the whole ring slot."""
+    from fastavg.table import build_table
+
+    sweep, tuning = _bench_script(), FakeTuningHooks()
+    params = [torch.randn(n).bfloat16() for n in (4099, 8, 1)]
+    n = sum(p.numel() for p in params)
+    ring = torch.full((3, n), float("nan"), dtype=torch.bfloat16)
+    buffers = (params, build_table(params), [torch.zeros(n)], ring, torch.empty(n, dtype=torch.bfloat16))
+    available = {"triton": "not here", "native": None}
+    runs = sweep.lawa_question_rows(params, buffers, [], [8, 1 << 15], available, tuning)
+    per_row = {kernel: row for (update, kernel), row in runs.items() if "block per row" in kernel}
+    assert {k: v[1] for k, v in per_row.items()} == {
+        "native, a block per row, rows of 2^3": (256, 1, True),  # the stand-in's current settings
+        "native, a block per row, rows of 2^15": (256, 1, True),
+    }
+    for fn, settings in per_row.values():
+        ring.fill_(float("nan"))
+        with native_launch.launch_settings(tuning, *settings):
+            assert tuning.state == [256, 1, 1]
+            fn()
+        assert torch.equal(ring[1], torch.cat(params)) and tuning.state == [256, 1, 0]  # the sweep writes slot 1
+    assert not any("block per row" in k for _, k in sweep.lawa_question_rows(params, buffers, [], [8], available, None))
+
+
 def test_kernel_sweep_native_rows_set_and_restore_their_tuning():
     """On a GPU the sweep times the native kernels at each threads-per-block and unroll setting
     (unroll only where set_unroll applies), through the build's tuning hooks, and restores them."""
@@ -321,9 +356,27 @@ def test_kernel_sweep_native_rows_set_and_restore_their_tuning():
     assert list(sweep.native_rows("ema", print, tuning, [128], [1, 2])) == ["native T=128"]
     assert sweep.native_rows("ema", print, None, [128], [1, 2]) == {"native": (print, None)}
     with pytest.raises(RuntimeError), native_launch.launch_settings(tuning, 128, 2):
-        assert tuning.state == [128, 2]
+        assert tuning.state == [128, 2, 0]
         raise RuntimeError("a failed row")
-    assert tuning.state == [256, 1]
+    assert tuning.state == [256, 1, 0]
+
+
+def test_launch_settings_with_a_block_per_row_undo_every_setting_they_made():
+    tuning = FakeTuningHooks()
+    with native_launch.launch_settings(tuning, 128, 2, block_per_row=True):
+        assert tuning.state == [128, 2, 1]
+    assert tuning.state == [256, 1, 0]
+    # A refused unroll: the threads already set are undone, the grid never touched.
+    tuning.log.clear()
+    with (
+        pytest.raises(ValueError, match="1, 2 or 4"),
+        native_launch.launch_settings(tuning, 128, 3, block_per_row=True),
+    ):
+        pass
+    assert tuning.state == [256, 1, 0] and tuning.log == [("threads", 128), ("threads", 256)]
+    assert tuning.set_block_per_row(2) == -1
+    with pytest.raises(ValueError, match="0 or 1"):
+        native_launch.set_block_per_row(SimpleNamespace(set_block_per_row=lambda on: -1), True)  # a refusing build
 
 
 @pytest.mark.parametrize("text, setting", [("128", (128, 1)), ("256x2", (256, 2)), ("32x1", (32, 1))])
@@ -360,7 +413,7 @@ def test_native_launch_needs_the_cuda_build(monkeypatch):
     for bad, message in (("100", "multiple of 32"), ("128x3", "1, 2 or 4"), ("x", "THREADSxUNROLL")):
         with pytest.raises(SystemExit, match=message):
             cli.resolve_native_launches([bad], cuda, ["native"])
-    assert hooks.state == [256, 1]
+    assert hooks.state == [256, 1, 0]
     with pytest.raises(SystemExit, match="native backend"):
         cli.resolve_native_launches(["128"], cuda, ["triton"])
 
@@ -374,7 +427,7 @@ def test_native_rows_at_other_launch_settings_set_them_around_each_call(monkeypa
     params = [torch.nn.Parameter(torch.randn(s).bfloat16()) for s in [(7, 3), (5,)]]
     case = cases.fastavg_case("lawa", params, "native", launch=(128, 2))
     assert case.impl == "fastavg-native T=128 x2" and hooks.log == []
-    assert native_launch.current_settings(hooks) == (256, 1) and hooks.state == [256, 1]
+    assert native_launch.current_settings(hooks) == (256, 1) and hooks.state == [256, 1, 0]
     hooks.log.clear()
     case.step()
     assert hooks.log == [("threads", 128), ("unroll", 2), ("unroll", 1), ("threads", 256)]
@@ -382,7 +435,7 @@ def test_native_rows_at_other_launch_settings_set_them_around_each_call(monkeypa
                             [(128, 1), (256, 2)])  # fmt: skip
     impls = [r["impl"] for r in records]
     assert impls[:3] == ["fastavg-native", "fastavg-native T=128", "fastavg-native T=256 x2"]
-    assert all(r["speedup_vs_stock"] > 0 for r in records[:3]) and hooks.state == [256, 1]
+    assert all(r["speedup_vs_stock"] > 0 for r in records[:3]) and hooks.state == [256, 1, 0]
     with pytest.raises(ValueError, match="native backend's CUDA build"):
         cases.fastavg_case("ema", params, "torch", launch=(128, 1))
 
@@ -402,7 +455,7 @@ def test_benchmark_adds_a_row_per_native_launch_setting_that_changes_the_update(
     native = [(r["update"], r["impl"]) for r in records if r["impl"].startswith("fastavg")]
     assert native == [("ema", "fastavg-native"), ("ema", "fastavg-native T=128"),
                       ("lawa", "fastavg-native"), ("lawa", "fastavg-native T=128 x2")]  # fmt: skip
-    assert hooks.state == [256, 1]
+    assert hooks.state == [256, 1, 0]
 
 
 def test_native_percentages_by_setting_fill_in_the_rows_a_setting_does_not_change():

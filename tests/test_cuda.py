@@ -69,28 +69,33 @@ def test_gpt2_sized_update_matches_torch_backend(dtype, cuda_backend):
     _gpt2_sized_update_matches_torch_backend(dtype, cuda_backend)
 
 
-@pytest.mark.parametrize("threads, unroll", [(256, 1), (128, 1), (256, 2), (128, 2), (128, 4)])
-def test_native_kernels_at_the_sweeps_settings(threads, unroll):
-    """bench/kernel_sweep.py times the native kernels at 256 and 128 threads per block and at one, two
-    and four vectors per thread per pass (tuning hooks, not ops): they must give the same results at each,
-    LAWA-only steps included, and the hooks refuse other settings without raising in C++ (their old
-    error, a number in its message, crashed the process on the H200 image, run 6: error_text.h)."""
+@pytest.mark.parametrize(
+    "threads, unroll, block_per_row",
+    [(256, 1, False), (128, 1, False), (256, 2, False), (128, 2, False), (128, 4, False), (128, 2, True)],
+)
+def test_native_kernels_at_the_sweeps_settings(threads, unroll, block_per_row):
+    """bench/kernel_sweep.py times the native kernels at 256 and 128 threads per block, at one, two
+    and four vectors per thread per pass, and with one block per table row (tuning hooks, not ops): they
+    must give the same results at each, LAWA-only steps included, and the hooks refuse other settings
+    without raising in C++ (their old error, a number in its message, crashed the process on the H200
+    image, run 6: error_text.h)."""
     if "native" not in CUDA_BACKENDS:
         pytest.skip(fastavg.available_backends("cuda")["native"])
     from fastavg.bench import native_launch
 
     tuning = torch.ops.fastavg_native_tuning
     default = native_launch.current_settings(tuning)
-    assert tuning.set_block_threads(100) == -1 and tuning.set_unroll(3) == -1
+    assert tuning.set_block_threads(100) == -1 and tuning.set_unroll(3) == -1 and tuning.set_block_per_row(2) == -1
     with pytest.raises(ValueError, match="multiple of 32"):
         native_launch.set_block_threads(tuning, 100)
     with pytest.raises(ValueError, match="1, 2 or 4"):
         native_launch.set_unroll(tuning, 3)
     assert native_launch.current_settings(tuning) == default == (128, 2)  # the build's defaults, unchanged
-    with native_launch.launch_settings(tuning, threads, unroll):
+    with native_launch.launch_settings(tuning, threads, unroll, block_per_row):
         _gpt2_sized_update_matches_torch_backend(torch.bfloat16, "native")
         _gpt2_sized_update_matches_torch_backend(torch.bfloat16, "native", {"lawa": LAWA(window=3, every=1)})
     assert native_launch.current_settings(tuning) == default
+    assert native_launch.set_block_per_row(tuning, False) is False  # the persistent grid is back
 
 
 def test_benchmark_times_native_launch_settings_through_the_real_hooks():

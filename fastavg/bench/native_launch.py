@@ -1,5 +1,6 @@
-"""The native CUDA kernels' launch settings, for the benchmarks: threads per block, and the unroll
-(vectors per thread per pass of ring-only updates and swaps, as a multiple of one).
+"""The native CUDA kernels' launch settings, for the benchmarks: threads per block, the unroll
+(vectors per thread per pass of ring-only updates and swaps, as a multiple of one), and the grid
+(persistent, or one block per table row).
 
 They are process-wide tuning hooks of the CUDA build (``torch.ops.fastavg_native_tuning``): the
 benchmarks set them around a call, so native rows at other settings are timed in the same run as
@@ -48,19 +49,22 @@ def set_unroll(hooks, unroll: int) -> int:
     return _set(hooks.set_unroll, unroll, "unroll must be 1, 2 or 4")
 
 
+def set_block_per_row(hooks, on: bool) -> bool:
+    """Later native update and swap launches with one block per table row (True) or the persistent
+    grid of at most the blocks resident at once (False, the default); the previous value."""
+    return bool(_set(hooks.set_block_per_row, int(on), "block_per_row must be 0 or 1"))
+
+
 @contextlib.contextmanager
-def launch_settings(hooks, threads: int, unroll: int):
-    """Native launches at ``threads`` per block and ``unroll`` times one vector per thread per pass
-    inside the block, then the settings before."""
-    previous_threads = set_block_threads(hooks, threads)
-    try:  # a refused unroll must not leave the threads changed
-        previous_unroll = set_unroll(hooks, unroll)
-        try:
-            yield
-        finally:
-            set_unroll(hooks, previous_unroll)
-    finally:
-        set_block_threads(hooks, previous_threads)
+def launch_settings(hooks, threads: int, unroll: int, block_per_row: bool = False):
+    """Native launches at ``threads`` per block and ``unroll`` times one vector per thread per pass,
+    with one block per table row if ``block_per_row``, inside the block; then the settings before."""
+    with contextlib.ExitStack() as undo:  # each setting made is undone, also when a later one is refused
+        undo.callback(set_block_threads, hooks, set_block_threads(hooks, threads))
+        undo.callback(set_unroll, hooks, set_unroll(hooks, unroll))
+        if block_per_row:
+            undo.callback(set_block_per_row, hooks, set_block_per_row(hooks, True))
+        yield
 
 
 def current_settings(hooks) -> tuple[int, int]:
