@@ -62,6 +62,16 @@ def triton_runs(name, buffers, blocks, warps) -> dict:
     }
 
 
+def triton_per_row(name, buffers):
+    """Triton's kernel for ``name`` (one launch: at most 4 averages and 2 rings) on a grid of one
+    program per table row, where its launcher would give a persistent grid."""
+    from fastavg.kernels import update
+
+    ((kernel, call_args, constexprs, _),) = update.launches(*update_args(name, buffers))
+    rows = buffers[1].shape[0]
+    return lambda: kernel[(rows,)](*call_args, **constexprs)
+
+
 def native_rows(name, fn, tuning, threads, unrolls) -> dict:
     """The sweep's rows of the native ``fn`` for ``name``: kernel label -> (fn, (threads per block,
     unroll) to set, or None where the build has no tuning hooks: the CPU, or no CUDA kernels)."""
@@ -87,8 +97,8 @@ def rows_of(chunk: int) -> str:
 
 def lawa_question_rows(params, buffers, chunks, per_row_chunks, available, tuning) -> dict:
     """LAWA alone at 89-90% of copy (H200 runs 5-7), rows that ask why: the same update over tables of
-    longer rows; native with one block per row, over tables of shorter ones; and torch's own copy of
-    the same bytes."""
+    longer rows; native and Triton with one block (program) per row, over tables of shorter ones;
+    and torch's own copy of the same bytes."""
     runs = {}
     # Each row starts with a table read that its first loads wait for, and at 2^15 elements a LAWA
     # block walks two rows, so twice that wait. The grid hardly changes (GPT-2 at 2^16: 1,995 rows,
@@ -107,13 +117,15 @@ def lawa_question_rows(params, buffers, chunks, per_row_chunks, available, tunin
     # The persistent grid's drain: its blocks each walk an equal share, ~0.13 ms long, and an SM whose
     # blocks finish first idles to the end. A grid of one block per row (the GPU starts each block as a
     # slot frees) ends within one row's time: 2^13 elements are 16 KB of bf16, four passes of a block.
-    if available["native"] is None and tuning is not None:
-        threads, unroll = current_settings(tuning)
-        for chunk in per_row_chunks:
-            table = buffers[1] if chunk == CHUNK else build_table(params, chunk)
+    # Triton's kernel is launched the same way, a program per row, past its launcher's grid.
+    for chunk in per_row_chunks:
+        fine = (params, buffers[1] if chunk == CHUNK else build_table(params, chunk), *buffers[2:])
+        if available["triton"] is None:
+            runs[("lawa", f"triton, a program per row, {rows_of(chunk)}")] = (triton_per_row("lawa", fine), None)
+        if available["native"] is None and tuning is not None:
             runs[("lawa", f"native, a block per row, {rows_of(chunk)}")] = (
-                native_run("lawa", (params, table, *buffers[2:])),
-                (threads, unroll, True),
+                native_run("lawa", fine),
+                (*current_settings(tuning), True),
             )
     # LAWA alone moves half the copy baseline's bytes (0.5 GB against 1 GiB) in one launch of ~0.13 ms,
     # where a launch's fixed ramp-up and drain weigh twice as much: torch's own copy of the same bytes,

@@ -253,6 +253,7 @@ def test_kernel_sweep_runs_every_kernel(capsys):
     expected |= {("all", f"opt.step() {b}") for b in ("triton", "native") if b in available}
     expected |= {("lawa", "torch copy_, same bytes")}  # the ceiling for a transfer of LAWA's size
     expected |= {("lawa", f"{b}, rows of 2^{e}") for b in ("triton", "native") if b in available for e in (16, 17)}
+    expected |= {("lawa", f"triton, a program per row, rows of 2^{e}") for e in (13, 14, 15) if "triton" in available}
     assert {(r[0], " ".join(r[1:-3])) for r in rows} == expected and expected
     assert all(float(r[-3]) > 0 for r in rows)
     for update in ("ema", "lawa", "all", "swap"):  # the sweep's byte counts are the benchmark's
@@ -317,9 +318,10 @@ def test_triton_host_cost_runs_the_jit_path_without_a_gpu():
 
 
 @pytest.mark.skipif(fastavg.available_backends("cpu")["native"] is not None, reason="needs the native backend")
-def test_kernel_sweep_times_native_lawa_with_a_block_per_row_where_the_build_has_hooks():
-    """The sweep's LAWA rows with one block per row (CUDA builds' hooks; a stand-in here): each at the
-    build's threads and unroll, over its own table, and each writes the whole ring slot."""
+def test_kernel_sweep_times_lawa_with_a_block_per_row():
+    """The sweep's LAWA rows with one block per row: native's through the CUDA build's hooks (a
+    stand-in here), each at the build's threads and unroll, only where there are hooks; Triton's by
+    its own grid. Each runs over its own table and writes the whole ring slot."""
     from fastavg.table import build_table
 
     sweep, tuning = _bench_script(), FakeTuningHooks()
@@ -341,6 +343,14 @@ def test_kernel_sweep_times_native_lawa_with_a_block_per_row_where_the_build_has
             fn()
         assert torch.equal(ring[1], torch.cat(params)) and tuning.state == [256, 1, 0]  # the sweep writes slot 1
     assert not any("block per row" in k for _, k in sweep.lawa_question_rows(params, buffers, [], [8], available, None))
+
+    if fastavg.available_backends("cpu")["triton"] is None:  # Triton's row, a program per row (interpreter)
+        available["triton"] = None
+        runs = sweep.lawa_question_rows(params, buffers, [], [8], available, None)
+        fn, settings = runs[("lawa", "triton, a program per row, rows of 2^3")]
+        ring.fill_(float("nan"))
+        fn()
+        assert settings is None and torch.equal(ring[1], torch.cat(params))
 
 
 def test_kernel_sweep_native_rows_set_and_restore_their_tuning():
