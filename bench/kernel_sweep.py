@@ -118,15 +118,13 @@ def lawa_question_rows(params, buffers, chunks, per_row_chunks, available, tunin
     # blocks finish first idles to the end. A grid of one block per row (the GPU starts each block as a
     # slot frees) ends within one row's time: 2^13 elements are 16 KB of bf16, four passes of a block.
     # Triton's kernel is launched the same way, a program per row, past its launcher's grid.
+    native_per_row = (*current_settings(tuning), True) if tuning is not None else None  # the build's threads, unroll
     for chunk in per_row_chunks:
         fine = (params, buffers[1] if chunk == CHUNK else build_table(params, chunk), *buffers[2:])
         if available["triton"] is None:
             runs[("lawa", f"triton, a program per row, {rows_of(chunk)}")] = (triton_per_row("lawa", fine), None)
-        if available["native"] is None and tuning is not None:
-            runs[("lawa", f"native, a block per row, {rows_of(chunk)}")] = (
-                native_run("lawa", fine),
-                (*current_settings(tuning), True),
-            )
+        if available["native"] is None and native_per_row is not None:
+            runs[("lawa", f"native, a block per row, {rows_of(chunk)}")] = (native_run("lawa", fine), native_per_row)
     # LAWA alone moves half the copy baseline's bytes (0.5 GB against 1 GiB) in one launch of ~0.13 ms,
     # where a launch's fixed ramp-up and drain weigh twice as much: torch's own copy of the same bytes,
     # one contiguous tensor, says how near 100% a kernel of that size can come.
@@ -154,7 +152,8 @@ def main(argv=None) -> None:
         type=int,
         nargs="+",
         default=[1 << 13, 1 << 14, CHUNK],
-        help="also time native LAWA alone with one block per row, over tables of these row lengths (GPU only)",
+        help="also time LAWA alone with one block (Triton: program) per row, over tables of these row lengths "
+        "(native only where the build has tuning hooks: a GPU)",
     )
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--device", default="cuda")
