@@ -20,6 +20,10 @@ export PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 started=$(date +%s)
 log="$OUT/env_and_install.txt"
+# Each stage's seconds, as "stage NAME: N s" lines of the install log (the device tool returns 8 files,
+# all taken), so that the next run can plan its timeouts; the summary keeps them as "stage_s".
+stage_started=$started
+stage_done() { echo "stage $1: $(( $(date +%s) - stage_started )) s" >>"$log"; stage_started=$(date +%s); }
 
 { nvidia-smi || true; "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"; } >"$log" 2>&1
 # No network there: install without fetching anything (this builds fastavg._C with its CUDA
@@ -41,7 +45,9 @@ echo "install + native build: $(( $(date +%s) - build_started )) s for TORCH_CUD
   readelf -d fastavg/_C*.so 2>/dev/null | grep NEEDED; nm -D --defined-only fastavg/_C*.so 2>/dev/null | grep -c -E "__cxa_throw|__gxx_personality" ; } >>"$log" 2>&1
 minimal=--minimal
 skip minimal-probe && minimal=
+stage_done install
 timeout 150 "$PY" bench/native_error_probe.py $minimal 2>&1 | tee -a "$log"
+stage_done probes
 
 # A fresh machine JIT-compiles every Triton specialisation the tests touch: spread them over
 # workers when pytest-xdist is there (it is on the GPU image).
@@ -50,27 +56,34 @@ workers=$("$PY" -c "import xdist" >/dev/null 2>&1 && echo "-n 8" || true)
 # then the CPU tests with what is left (they also run in CI).
 echo "== cuda tests" && timeout 150 "$PY" -m pytest -q -p no:cacheprovider -m cuda $workers --junitxml="$OUT/tests.xml" 2>&1 | tee "$OUT/tests.log" | tail -15
 tests_rc=${PIPESTATUS[0]}
-# Native also at the sweep's other launch settings (rows "fastavg-native T=128", ...), so the default
-# can change with the benchmark's numbers for it measured in this run; only where the build has the
-# hooks, or the option would stop the whole benchmark.
+stage_done cuda-tests
+# Native also at other launch settings (rows "fastavg-native T=128 x4", "... T=128 x2 per row"), so
+# the default can change with the benchmark's numbers for it measured in this run: four vectors per
+# pass, and one block per table row instead of the persistent grid (LAWA alone, at 89.8% of copy, is
+# the row in question: NOTES.md); only where the build has the hooks, or the option would stop the
+# whole benchmark. Runs 6 and 7 timed 256 and 128 threads: 128x2 became the default.
 launches=$("$PY" -c "import torch; from fastavg.bench.native_launch import tuning_hooks
-print('--native-launch ${NATIVE_LAUNCHES:-256 128 128x4}' if torch.cuda.is_available() and tuning_hooks() else '')" 2>/dev/null)
+print('--native-launch ${NATIVE_LAUNCHES:-128x4 128x2/row 128x4/row}' if torch.cuda.is_available() and tuning_hooks() else '')" 2>/dev/null)
 if ! skip bench; then
   echo "== bench ${launches:-(no native CUDA tuning hooks)}" && timeout 100 "$PY" -m fastavg.bench --params gpt2 --repeats 20 $launches \
     --json "$OUT/bench_gpt2.json" --plot "$OUT/bench_gpt2.png" 2>&1 | tee -a "$OUT/tests.log"
 fi
+stage_done bench
 # The issue's target: < 1% for gpt2 at the paper's per-GPU batch (16 x 1024 tokens, 8 accumulation steps).
 if ! skip train-step; then
   echo "== train step" && timeout 60 "$PY" -m fastavg.bench --train-step --repeats 5 --warmup 2 --json "$OUT/bench_train_step.json" 2>&1 | tee -a "$OUT/tests.log"
 fi
+stage_done train-step
 if ! skip step-overhead; then
   echo "== step overhead" && timeout 45 "$PY" bench/step_overhead.py --device cuda --profile 2>&1 | tee "$OUT/step_overhead.txt"
 fi
+stage_done step-overhead
 # The kernels alone: Triton block sizes and warp counts, native at 256 and 128 threads per block
 # (LAWA and swap also at two and four vectors per thread per pass), against the copy (into the same file: the device tool returns 8 files at most).
 if ! skip sweep; then
   echo "== kernel sweep" && timeout 90 "$PY" bench/kernel_sweep.py 2>&1 | tee -a "$OUT/step_overhead.txt"
 fi
+stage_done sweep
 # Only with time left (the summary below must be written inside the call's limit; CI runs these too).
 if skip cpu-tests; then
   :
@@ -79,6 +92,7 @@ elif (( $(date +%s) - started < 250 )); then
 else
   echo "== cpu tests skipped: $(( $(date +%s) - started )) s gone" | tee -a "$OUT/tests.log"
 fi
+stage_done cpu-tests
 
 "$PY" - "$OUT" "$tests_rc" "$started" <<'PY'
 import json, sys, time, xml.etree.ElementTree as ET
@@ -142,6 +156,8 @@ try:
     summary["build"] = [l.strip() for l in open(f"{out}/env_and_install.txt") if l.startswith("install + native build")]
     summary["native_error_probes"] = [l.strip() for l in open(f"{out}/env_and_install.txt")
                                       if l.startswith("native error probe")]
+    summary["stage_s"] = {l.split(":")[0][len("stage "):]: int(l.split(":")[1].split()[0])
+                          for l in open(f"{out}/env_and_install.txt") if l.startswith("stage ")}
 except Exception as err:  # the summary must be written whatever broke
     summary["backends_cuda"] = f"fastavg did not import: {err}"
 summary["wall_s"] = int(time.time()) - started

@@ -73,12 +73,11 @@ def triton_per_row(name, buffers):
 
 
 def native_rows(name, fn, tuning, threads, unrolls) -> dict:
-    """The sweep's rows of the native ``fn`` for ``name``: kernel label -> (fn, (threads per block,
-    unroll) to set, or None where the build has no tuning hooks: the CPU, or no CUDA kernels)."""
+    """The sweep's rows of the native ``fn`` for ``name``: kernel label -> (fn, the setting to launch at,
+    or None where the build has no tuning hooks: the CPU, or no CUDA kernels), on the persistent grid."""
     if tuning is None:
         return {"native": (fn, None)}
-    settings = distinct(name, itertools.product(threads, unrolls))
-    return {f"native {label(t, u)}": (fn, (t, u)) for t, u in settings}
+    return {f"native {label(*s)}": (fn, s) for s in distinct(name, itertools.product(threads, unrolls))}
 
 
 def native_run(name, buffers):
@@ -118,7 +117,7 @@ def lawa_question_rows(params, buffers, chunks, per_row_chunks, available, tunin
     # blocks finish first idles to the end. A grid of one block per row (the GPU starts each block as a
     # slot frees) ends within one row's time: 2^13 elements are 16 KB of bf16, four passes of a block.
     # Triton's kernel is launched the same way, a program per row, past its launcher's grid.
-    native_per_row = (*current_settings(tuning), True) if tuning is not None else None  # the build's threads, unroll
+    native_per_row = current_settings(tuning)._replace(per_row=True) if tuning is not None else None
     for chunk in per_row_chunks:
         fine = (params, buffers[1] if chunk == CHUNK else build_table(params, chunk), *buffers[2:])
         if available["triton"] is None:
@@ -177,7 +176,7 @@ def main(argv=None) -> None:
 
     available = fastavg.available_backends(device.type)
     tuning = tuning_hooks() if device.type == "cuda" else None
-    runs = {}  # (update, kernel) -> (fn, native (threads per block, unroll) or None)
+    runs = {}  # (update, kernel) -> (fn, a native launch Setting or None)
     # LAWA alone first, with the rows that ask why it stays under 90%: gpu_check.sh stops the sweep
     # at 90 s, and the rows measured by then are printed.
     for name in ["lawa", *(u for u in UPDATES if u != "lawa")]:

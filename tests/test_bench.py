@@ -361,8 +361,11 @@ def test_kernel_sweep_native_rows_set_and_restore_their_tuning():
     tuning = FakeTuningHooks()
     lawa = sweep.native_rows("lawa", print, tuning, [256, 128], [1, 2])
     assert {k: v[1] for k, v in lawa.items()} == {
-        "native T=256": (256, 1), "native T=256 x2": (256, 2), "native T=128": (128, 1), "native T=128 x2": (128, 2)
-    }  # fmt: skip
+        "native T=256": (256, 1, False),
+        "native T=256 x2": (256, 2, False),
+        "native T=128": (128, 1, False),
+        "native T=128 x2": (128, 2, False),
+    }  # the persistent grid: the default table's rows over one block each are the question rows' job
     assert list(sweep.native_rows("ema", print, tuning, [128], [1, 2])) == ["native T=128"]
     assert sweep.native_rows("ema", print, None, [128], [1, 2]) == {"native": (print, None)}
     with pytest.raises(RuntimeError), native_launch.launch_settings(tuning, 128, 2):
@@ -389,27 +392,45 @@ def test_launch_settings_with_a_block_per_row_undo_every_setting_they_made():
         native_launch.set_block_per_row(SimpleNamespace(set_block_per_row=lambda on: -1), True)  # a refusing build
 
 
-@pytest.mark.parametrize("text, setting", [("128", (128, 1)), ("256x2", (256, 2)), ("32x1", (32, 1))])
+@pytest.mark.parametrize(
+    "text, setting",
+    [("128", (128, 1, False)), ("256x2", (256, 2, False)), ("32x1", (32, 1, False)), ("128x2/row", (128, 2, True)),
+     ("64/row", (64, 1, True))],
+)  # fmt: skip
 def test_native_launch_settings_parse(text, setting):
     assert native_launch.parse_setting(text) == setting
 
 
-@pytest.mark.parametrize("text", ["", "x2", "128x", "128*2", "-128", "128 x2", "twelve"])
+@pytest.mark.parametrize("text", ["", "x2", "128x", "128*2", "-128", "128 x2", "twelve", "/row", "128/rows", "128x2/"])
 def test_malformed_native_launch_settings_are_refused(text):
-    with pytest.raises(ValueError, match="THREADSxUNROLL"):
+    with pytest.raises(ValueError, match=r"THREADS\[xUNROLL\]\[/row\]"):
         native_launch.parse_setting(text)
 
 
+def test_native_launch_settings_read_before_the_grid_was_one_are_on_the_persistent_grid():
+    # Runs 6 and 7 recorded [threads, unroll]; the labels name the grid only where it is one block per row.
+    assert native_launch.Setting(*[128, 2]) == (128, 2, False)
+    assert native_launch.label(*native_launch.Setting(128, 2)) == "T=128 x2"
+    assert (
+        native_launch.label(128, 2, True) == "T=128 x2 per row" and native_launch.label(256, 1, True) == "T=256 per row"
+    )
+
+
 def test_native_launches_per_update_skip_the_default_and_repeats():
-    settings = [(128, 1), (256, 2), (128, 2), (256, 1)]
+    settings = [(128, 1), (256, 2), (128, 2), (256, 1)]  # as recorded before the grid was a setting
     # The unroll changes LAWA alone and swap only: for EMA, 256x2 is the default and 128x2 is 128.
-    assert cli.launches_for("ema", settings, (256, 1)) == [(128, 1)]
-    assert cli.launches_for("all", settings, (256, 1)) == [(128, 1)]
+    assert cli.launches_for("ema", settings, (256, 1)) == [(128, 1, False)]
+    assert cli.launches_for("all", settings, (256, 1)) == [(128, 1, False)]
     for update in ("lawa", "swap"):
-        assert cli.launches_for(update, settings, (256, 1)) == [(128, 1), (256, 2), (128, 2)]
+        assert cli.launches_for(update, settings, (256, 1)) == [(128, 1, False), (256, 2, False), (128, 2, False)]
     # A default that unrolls: EMA's kernels run it as T=128, so only 256 is new there.
-    assert cli.launches_for("ema", settings, (128, 2)) == [(256, 1)]
-    assert cli.launches_for("lawa", settings, (128, 2)) == [(128, 1), (256, 2), (256, 1)]
+    assert cli.launches_for("ema", settings, (128, 2)) == [(256, 1, False)]
+    assert cli.launches_for("lawa", settings, (128, 2, False)) == [(128, 1, False), (256, 2, False), (256, 1, False)]
+    # One block per row changes every update's launches; its unroll, again only LAWA's and swap's.
+    per_row = [(128, 2, True), (128, 4, True), (128, 4, False)]
+    assert cli.launches_for("ema", per_row, (128, 2, False)) == [(128, 1, True)]
+    assert cli.launches_for("lawa", per_row, (128, 2, False)) == per_row
+    assert cli.launches_for("swap", per_row, (128, 2, True)) == per_row[1:]
 
 
 def test_native_launch_needs_the_cuda_build(monkeypatch):
@@ -419,8 +440,10 @@ def test_native_launch_needs_the_cuda_build(monkeypatch):
     hooks = FakeTuningHooks()
     monkeypatch.setattr(native_launch, "tuning_hooks", lambda: hooks)
     cuda = torch.device("cuda")
-    assert cli.resolve_native_launches(["128", "256x2"], cuda, ["native"]) == [(128, 1), (256, 2)]
-    for bad, message in (("100", "multiple of 32"), ("128x3", "1, 2 or 4"), ("x", "THREADSxUNROLL")):
+    assert cli.resolve_native_launches(["128", "256x2", "128x2/row"], cuda, ["native"]) == [
+        (128, 1, False), (256, 2, False), (128, 2, True)
+    ]  # fmt: skip
+    for bad, message in (("100/row", "multiple of 32"), ("128x3", "1, 2 or 4"), ("x", "THREADS")):
         with pytest.raises(SystemExit, match=message):
             cli.resolve_native_launches([bad], cuda, ["native"])
     assert hooks.state == [256, 1, 0]
@@ -435,12 +458,20 @@ def test_native_rows_at_other_launch_settings_set_them_around_each_call(monkeypa
     hooks = FakeTuningHooks()
     monkeypatch.setattr(native_launch, "tuning_hooks", lambda: hooks)
     params = [torch.nn.Parameter(torch.randn(s).bfloat16()) for s in [(7, 3), (5,)]]
-    case = cases.fastavg_case("lawa", params, "native", launch=(128, 2))
+    case = cases.fastavg_case("lawa", params, "native", launch=native_launch.Setting(128, 2))
     assert case.impl == "fastavg-native T=128 x2" and hooks.log == []
-    assert native_launch.current_settings(hooks) == (256, 1) and hooks.state == [256, 1, 0]
+    assert native_launch.current_settings(hooks) == (256, 1, False) and hooks.state == [256, 1, 0]
     hooks.log.clear()
     case.step()
     assert hooks.log == [("threads", 128), ("unroll", 2), ("unroll", 1), ("threads", 256)]
+    # One block per row: set around the call too, and undone last-set-first-undone.
+    case = cases.fastavg_case("ema", params, "native", launch=native_launch.Setting(128, 1, True))
+    assert case.impl == "fastavg-native T=128 per row"
+    hooks.log.clear()
+    case.step()
+    assert hooks.log == [("threads", 128), ("unroll", 1), ("block_per_row", 1), ("block_per_row", 0),
+                         ("unroll", 1), ("threads", 256)]  # fmt: skip
+    assert hooks.state == [256, 1, 0]
     records = cli.run_dtype("swap", torch.bfloat16, [(7, 3)], torch.device("cpu"), ["native"], 1, 0, 1.0,
                             [(128, 1), (256, 2)])  # fmt: skip
     impls = [r["impl"] for r in records]
@@ -455,16 +486,20 @@ def test_benchmark_adds_a_row_per_native_launch_setting_that_changes_the_update(
     hooks = FakeTuningHooks()
     monkeypatch.setattr(native_launch, "tuning_hooks", lambda: hooks)
     # The CPU has no such settings: as if resolved on a CUDA device.
-    monkeypatch.setattr(cli, "resolve_native_launches", lambda texts, device, backends: [(128, 2)])
+    launches = [native_launch.Setting(128, 2), native_launch.Setting(256, 1, True)]
+    monkeypatch.setattr(cli, "resolve_native_launches", lambda texts, device, backends: launches)
     path = tmp_path / "b.json"
     cli.main(["--quick", "--backends", "native", "--update", "ema", "lawa", "--dtype", "bf16", "--json", str(path)])
     header, *records = json.loads(path.read_text())
-    assert header["native_default"] == [256, 1] and header["native_launches"] == [[128, 2]]
+    assert header["native_default"] == [256, 1, False]
+    assert header["native_launches"] == [[128, 2, False], [256, 1, True]]
     printed = capsys.readouterr().out.split("native % of copy by launch setting")[1].splitlines()
-    assert [line.split()[0] for line in printed[1:]] == ["T=256", "T=128"]
+    names = ["T=256 (default)", "T=128 x2", "T=256 per row"]  # a line per setting, the default first
+    assert len(printed) == 4 and all(line.strip().startswith(name + " ") for line, name in zip(printed[1:], names))
     native = [(r["update"], r["impl"]) for r in records if r["impl"].startswith("fastavg")]
-    assert native == [("ema", "fastavg-native"), ("ema", "fastavg-native T=128"),
-                      ("lawa", "fastavg-native"), ("lawa", "fastavg-native T=128 x2")]  # fmt: skip
+    assert native == [("ema", "fastavg-native"), ("ema", "fastavg-native T=128"), ("ema", "fastavg-native T=256 per row"),
+                      ("lawa", "fastavg-native"), ("lawa", "fastavg-native T=128 x2"),
+                      ("lawa", "fastavg-native T=256 per row")]  # fmt: skip
     assert hooks.state == [256, 1, 0]
 
 
@@ -492,6 +527,21 @@ def test_native_percentages_by_setting_fill_in_the_rows_a_setting_does_not_chang
     assert printed[4].split() == ["T=128", "x2", "lawa", "bfloat16", "91.5", "ema", "bfloat16", "92.0"]
 
 
+def test_native_percentages_by_setting_with_one_block_per_row():
+    def row(update, impl, pct):
+        return {"update": update, "dtype": "bfloat16", "impl": impl, "pct_of_copy": pct}
+
+    records = [row("ema", "fastavg-native", 94.1), row("ema", "fastavg-native T=128 per row", 94.5),
+               row("lawa", "fastavg-native", 89.8), row("lawa", "fastavg-native T=128 x2 per row", 92.0),
+               row("lawa", "fastavg-native T=128 x4 per row", 92.4)]  # fmt: skip
+    table = native_launch.pct_of_copy_by_setting(records, [[128, 2, True], [128, 4, True]], [128, 2, False])
+    assert table == {
+        "T=128 x2 (default)": {"ema bfloat16": 94.1, "lawa bfloat16": 89.8},
+        "T=128 x2 per row": {"ema bfloat16": 94.5, "lawa bfloat16": 92.0},
+        "T=128 x4 per row": {"ema bfloat16": 94.5, "lawa bfloat16": 92.4},  # EMA ignores the unroll, not the grid
+    }
+
+
 def test_gpu_check_script_parses_and_summarises_a_run(tmp_path):
     """bench/gpu_check.sh runs only on a lent GPU, once per lease: a typo there costs the lease. Here:
     bash parses it, and its summary step reads a run's files (a recorded benchmark, a native launch
@@ -505,10 +555,15 @@ def test_gpu_check_script_parses_and_summarises_a_run(tmp_path):
     assert subprocess.run(["bash", "-n", str(root / "bench" / "gpu_check.sh")]).returncode == 0
     summary_code = script.split("<<'PY'\n", 1)[1].split("\nPY\n", 1)[0]
     header, *records = json.loads((root / "bench" / "results" / "2026-11-28-h200-run5.json").read_text())
-    header.update(native_default=[256, 1], native_launches=[[128, 1]])
+    header.update(native_default=[256, 1], native_launches=[[128, 1], [256, 1, True]])  # before and after the grid
     faster = [dict(r, impl="fastavg-native T=128", pct_of_copy=r["pct_of_copy"] + 1, host_ms=0.0712) for r in records
               if r["impl"] == "fastavg-native"]  # fmt: skip
-    (tmp_path / "bench_gpt2.json").write_text(json.dumps([header, *records, *faster]))
+    per_row = [dict(r, impl="fastavg-native T=256 per row", pct_of_copy=r["pct_of_copy"] + 2) for r in records
+               if r["impl"] == "fastavg-native"]  # fmt: skip
+    (tmp_path / "bench_gpt2.json").write_text(json.dumps([header, *records, *faster, *per_row]))
+    (tmp_path / "env_and_install.txt").write_text(
+        "install + native build: 31 s\nstage install: 40 s\nstage bench: 71 s\n"
+    )
     result = subprocess.run([sys.executable, "-c", summary_code, str(tmp_path), "0", "0"], capture_output=True,
                             text=True, cwd=root)  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -518,6 +573,8 @@ def test_gpu_check_script_parses_and_summarises_a_run(tmp_path):
     assert summary["fastavg_pct_of_copy"]["fastavg-native lawa bfloat16"] == 88.9
     by_launch = summary["native_pct_of_copy_by_launch"]
     assert by_launch["T=256 (default)"]["lawa bfloat16"] == 88.9 and by_launch["T=128"]["lawa bfloat16"] == 89.9
+    assert by_launch["T=256 per row"]["lawa bfloat16"] == 90.9
+    assert summary["stage_s"] == {"install": 40, "bench": 71} and summary["build"] == ["install + native build: 31 s"]
     # Host times: the rows that have them (run 5's records predate them).
     assert summary["fastavg_host_ms"]["fastavg-native T=128 lawa bfloat16"] == 0.071
     assert "fastavg-native lawa bfloat16" not in summary["fastavg_host_ms"]

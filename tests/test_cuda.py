@@ -90,7 +90,7 @@ def test_native_kernels_at_the_sweeps_settings(threads, unroll, block_per_row):
         native_launch.set_block_threads(tuning, 100)
     with pytest.raises(ValueError, match="1, 2 or 4"):
         native_launch.set_unroll(tuning, 3)
-    assert native_launch.current_settings(tuning) == default == (128, 2)  # the build's defaults, unchanged
+    assert native_launch.current_settings(tuning) == default == (128, 2, False)  # the build's defaults, unchanged
     with native_launch.launch_settings(tuning, threads, unroll, block_per_row):
         _gpt2_sized_update_matches_torch_backend(torch.bfloat16, "native")
         _gpt2_sized_update_matches_torch_backend(torch.bfloat16, "native", {"lawa": LAWA(window=3, every=1)})
@@ -106,14 +106,17 @@ def test_benchmark_times_native_launch_settings_through_the_real_hooks():
     if "native" not in CUDA_BACKENDS:
         pytest.skip(fastavg.available_backends("cuda")["native"])
     hooks, cuda = native_launch.tuning_hooks(), torch.device("cuda")
-    assert hooks is not None and native_launch.current_settings(hooks) == (128, 2)
-    assert cli.resolve_native_launches(["256", "256x2", "128"], cuda, ["native"]) == [(256, 1), (256, 2), (128, 1)]
+    assert hooks is not None and native_launch.current_settings(hooks) == (128, 2, False)
+    assert cli.resolve_native_launches(["256", "256x2", "128x2/row"], cuda, ["native"]) == [
+        (256, 1, False), (256, 2, False), (128, 2, True)
+    ]  # fmt: skip
     with pytest.raises(SystemExit, match="128x3"):
         cli.resolve_native_launches(["128x3"], cuda, ["native"])
     params = [torch.nn.Parameter(torch.randn(4099, device="cuda").bfloat16())]
-    cases.fastavg_case("swap", params, "native", launch=(256, 1)).step()
+    cases.fastavg_case("swap", params, "native", launch=native_launch.Setting(256, 1)).step()
+    cases.fastavg_case("lawa", params, "native", launch=native_launch.Setting(128, 4, True)).step()
     torch.cuda.synchronize()
-    assert native_launch.current_settings(hooks) == (128, 2)
+    assert native_launch.current_settings(hooks) == (128, 2, False)
 
 
 def _gpt2_sized_update_matches_torch_backend(dtype, backend, specs=SPECS):

@@ -51,9 +51,10 @@ def _specs(update: str) -> dict:
     return {"ema": every_step["ema"]} if update == "swap" else {update: every_step[update]}
 
 
-def fastavg_case(update: str, params: list[torch.Tensor], backend: str, launch: tuple[int, int] | None = None) -> Case:
+def fastavg_case(update: str, params: list[torch.Tensor], backend: str, launch=None) -> Case:
     """fastavg on ``backend``, timed through opt.step() (its Python side counts). ``launch``: native
-    CUDA launches at (threads per block, unroll) during each call (native_launch), not the defaults."""
+    CUDA launches at a ``native_launch.Setting`` (threads per block, unroll, one block per row or the
+    persistent grid) during each call, not the defaults."""
     hooks = native_launch.tuning_hooks() if launch is not None else None
     if launch is not None and (backend != "native" or hooks is None):  # refused before anything is built
         raise ValueError("a launch setting needs the native backend's CUDA build (its tuning hooks)")
@@ -71,7 +72,7 @@ def fastavg_case(update: str, params: list[torch.Tensor], backend: str, launch: 
     if launch is not None:
         timed = step
 
-        def step():  # four hook calls, 7 to 13 us on a CI-like CPU: hidden behind the kernels
+        def step():  # four to six hook calls, 7 to 20 us on a CI-like CPU: hidden behind the kernels
             with native_launch.launch_settings(hooks, *launch):
                 timed()
 

@@ -35,9 +35,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         nargs="+",
         default=[],
         metavar="SETTING",
-        help="also time the native CUDA kernels at these launch settings, THREADS or THREADSxUNROLL "
+        help="also time the native CUDA kernels at these launch settings, THREADS[xUNROLL][/row] "
         "(threads per block; vectors per thread per pass, 1, 2 or 4 times one, for LAWA alone and "
-        "swap): e.g. 256 128x4. Rows 'fastavg-native T=128', ...",
+        "swap; /row: one block per table row, not the persistent grid): e.g. 256 128x4 128x2/row. "
+        "Rows 'fastavg-native T=128', 'fastavg-native T=128 x2 per row', ...",
     )
     parser.add_argument(
         "--repeats", type=int, default=None, help="timed samples (default 30 on GPU, 5 calls each; 10 on CPU)"
@@ -85,9 +86,9 @@ def resolve_backends(requested, device: torch.device) -> list[str]:
     return list(requested)
 
 
-def resolve_native_launches(texts: list[str], device: torch.device, backends: list[str]) -> list[tuple[int, int]]:
-    """``--native-launch``: (threads, unroll) settings the CUDA build accepts; a clear error otherwise,
-    before anything is timed."""
+def resolve_native_launches(texts: list[str], device: torch.device, backends: list[str]) -> list[native_launch.Setting]:
+    """``--native-launch``: (threads, unroll, per row) settings the CUDA build accepts; a clear error
+    otherwise, before anything is timed."""
     if not texts:
         return []
     hooks = native_launch.tuning_hooks()
@@ -105,10 +106,10 @@ def resolve_native_launches(texts: list[str], device: torch.device, backends: li
     return settings
 
 
-def launches_for(update: str, settings: list[tuple[int, int]], default: tuple[int, int]) -> list[tuple[int, int]]:
+def launches_for(update: str, settings, default) -> list[native_launch.Setting]:
     """The settings that change ``update``'s native launches: each once, the default left out (the
     plain native row times it), the unroll only where it applies."""
-    return [s for s in native_launch.distinct(update, settings) if s != native_launch.effective(update, tuple(default))]
+    return [s for s in native_launch.distinct(update, settings) if s != native_launch.effective(update, default)]
 
 
 def header_record(device: torch.device, label: str, shapes, copy_gbps: float) -> dict:
@@ -137,7 +138,7 @@ def header_record(device: torch.device, label: str, shapes, copy_gbps: float) ->
 
 def run_dtype(update, dtype, shapes, device, backends, repeats, warmup, copy_gbps, launches=()) -> list[dict]:
     """Every implementation of one update for one parameter dtype, as records; ``launches``: native
-    CUDA launch settings (threads, unroll) to time beside the default."""
+    CUDA launch settings (native_launch.Setting) to time beside the default."""
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, device=device).to(dtype)) for s in shapes]
     average_dtype = torch.float32

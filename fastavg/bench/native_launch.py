@@ -11,12 +11,23 @@ from __future__ import annotations
 
 import contextlib
 import re
+from typing import NamedTuple
 
 import torch
 
 # The updates whose native kernels set_unroll changes: ring-only updates (LAWA alone) and the vector
 # swaps. Every other kernel has one instance and ignores it.
 UNROLLED = ("lawa", "swap")
+
+
+class Setting(NamedTuple):
+    """One launch setting: threads per block, the unroll, and whether the grid is one block per table
+    row (else the persistent grid); a tuple of the three. A ``[threads, unroll]`` recorded before the
+    grid was a setting (runs 6 and 7) reads as ``Setting(*it)``: the persistent grid."""
+
+    threads: int
+    unroll: int = 1
+    per_row: bool = False
 
 
 def tuning_hooks():
@@ -67,36 +78,40 @@ def launch_settings(hooks, threads: int, unroll: int, block_per_row: bool = Fals
         yield
 
 
-def current_settings(hooks) -> tuple[int, int]:
-    """(threads per block, unroll) that launches use now."""
+def current_settings(hooks) -> Setting:
+    """The setting launches use now (each hook read by setting a value and putting the old one back)."""
     threads, unroll = set_block_threads(hooks, 128), set_unroll(hooks, 1)
+    per_row = set_block_per_row(hooks, False)
     set_block_threads(hooks, threads)
     set_unroll(hooks, unroll)
-    return threads, unroll
+    set_block_per_row(hooks, per_row)
+    return Setting(threads, unroll, per_row)
 
 
-def parse_setting(text: str) -> tuple[int, int]:
-    """``"128"`` -> (128, 1); ``"128x2"`` -> (128, 2). The hooks check the values themselves."""
-    match = re.fullmatch(r"(\d+)(?:x(\d+))?", text)
+def parse_setting(text: str) -> Setting:
+    """``"128"`` -> (128, 1); ``"128x2"`` -> (128, 2); ``"128x2/row"`` -> (128, 2) with one block per
+    table row. The hooks check the values themselves."""
+    match = re.fullmatch(r"(\d+)(?:x(\d+))?(/row)?", text)
     if match is None:
-        raise ValueError(f"{text!r} is not THREADS or THREADSxUNROLL (e.g. 128 or 256x2)")
-    return int(match[1]), int(match[2] or 1)
+        raise ValueError(f"{text!r} is not THREADS[xUNROLL][/row] (e.g. 128, 256x2 or 128x2/row)")
+    return Setting(int(match[1]), int(match[2] or 1), match[3] is not None)
 
 
-def label(threads: int, unroll: int) -> str:
-    """A row's name for a setting: ``T=128``, ``T=256 x2``."""
-    return f"T={threads}" + (f" x{unroll}" if unroll > 1 else "")
+def label(threads: int, unroll: int, per_row: bool = False) -> str:
+    """A row's name for a setting: ``T=128``, ``T=256 x2``, ``T=128 x2 per row``."""
+    return f"T={threads}" + (f" x{unroll}" if unroll > 1 else "") + (" per row" if per_row else "")
 
 
-def effective(update: str, setting: tuple[int, int]) -> tuple[int, int]:
-    """The setting as ``update``'s kernels see it: the unroll changes only LAWA alone and swap."""
-    threads, unroll = setting
-    return threads, unroll if update in UNROLLED else 1
+def effective(update: str, setting) -> Setting:
+    """The setting as ``update``'s kernels see it: the unroll changes only LAWA alone and swap; the grid,
+    every update and swap."""
+    threads, unroll, per_row = Setting(*setting)
+    return Setting(threads, unroll if update in UNROLLED else 1, per_row)
 
 
-def distinct(update: str, settings) -> list[tuple[int, int]]:
+def distinct(update: str, settings) -> list[Setting]:
     """``settings`` as ``update``'s kernels see them (effective), each once, in order."""
-    return list(dict.fromkeys(effective(update, tuple(s)) for s in settings))
+    return list(dict.fromkeys(effective(update, s) for s in settings))
 
 
 def pct_of_copy_by_setting(records: list[dict], settings, default) -> dict[str, dict[str, float]]:
@@ -104,9 +119,9 @@ def pct_of_copy_by_setting(records: list[dict], settings, default) -> dict[str, 
     row where it changes the update's launches, else the row of the setting it equals there. The
     default can move to the setting whose worst row is best, with its numbers already measured."""
     rows = {(r["update"], r["dtype"], r["impl"]): r["pct_of_copy"] for r in records}
-    default = tuple(default)
+    default = Setting(*default)
     table = {}
-    for setting in dict.fromkeys([default, *map(tuple, settings)]):
+    for setting in dict.fromkeys([default, *(Setting(*s) for s in settings)]):
         name = label(*setting) + (" (default)" if setting == default else "")
         table[name] = {}
         for update, dtype in dict.fromkeys((r["update"], r["dtype"]) for r in records):
