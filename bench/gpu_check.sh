@@ -78,8 +78,10 @@ if ! skip step-overhead; then
   echo "== step overhead" && timeout 45 "$PY" bench/step_overhead.py --device cuda --profile 2>&1 | tee "$OUT/step_overhead.txt"
 fi
 stage_done step-overhead
-# The kernels alone: Triton block sizes and warp counts, native at 256 and 128 threads per block
-# (LAWA and swap also at two and four vectors per thread per pass), against the copy (into the same file: the device tool returns 8 files at most).
+# The kernels alone against the copy: Triton block sizes, native at 256 and 128 threads per block
+# (LAWA and swap also at two and four vectors per thread per pass), every update over a table of
+# finer rows, and LAWA alone over several tables and grids beside torch's copy and gather of the same
+# bytes (into the same file: the device tool returns 8 files at most).
 if ! skip sweep; then
   echo "== kernel sweep" && timeout 90 "$PY" bench/kernel_sweep.py 2>&1 | tee -a "$OUT/step_overhead.txt"
 fi

@@ -94,25 +94,35 @@ def rows_of(chunk: int) -> str:
     return f"rows of 2^{chunk.bit_length() - 1}" if chunk & (chunk - 1) == 0 else f"rows of {chunk}"
 
 
-def lawa_question_rows(params, buffers, chunks, per_row_chunks, available, tuning) -> dict:
-    """LAWA alone at 89-90% of copy (H200 runs 5-7), rows that ask why: the same update over tables of
-    longer rows; native and Triton with one block (program) per row, over tables of shorter ones;
-    and torch's own copy of the same bytes."""
+def default_kernel(name, buffers, available) -> dict:
+    """Each backend's own kernel for ``name`` at its defaults over ``buffers``: kernel label -> fn."""
     runs = {}
-    # Each row starts with a table read that its first loads wait for, and at 2^15 elements a LAWA
-    # block walks two rows, so twice that wait. The grid hardly changes (GPT-2 at 2^16: 1,995 rows,
-    # one per block, against 3,892 rows, two per block; at 2^17, 1,059 rows on half the grid).
-    for chunk in chunks:
-        coarse = (params, build_table(params, chunk), *buffers[2:])
-        if available["triton"] is None:
-            from fastavg.kernels import update
+    if available["triton"] is None:
+        from fastavg.kernels import swap, update
 
-            runs[("lawa", f"triton, {rows_of(chunk)}")] = (
-                lambda c=coarse: update.update_(*update_args("lawa", c)),
-                None,
-            )
-        if available["native"] is None:
-            runs[("lawa", f"native, {rows_of(chunk)}")] = (native_run("lawa", coarse), None)
+        call_args = None if name == "swap" else update_args(name, buffers)
+        runs["triton"] = swap_round_trip(swap, buffers) if name == "swap" else lambda: update.update_(*call_args)
+    if available["native"] is None:
+        runs["native"] = native_run(name, buffers)
+    return runs
+
+
+def table_rows(name, params, buffers, chunks, available) -> dict:
+    """``name`` on each backend's default kernel over tables of other row lengths than the default
+    table's (2^15), on the persistent grid: (update, kernel) -> (fn, None)."""
+    runs = {}
+    for chunk in (c for c in chunks if c != CHUNK):
+        other = (params, build_table(params, chunk), *buffers[2:])
+        for backend, fn in default_kernel(name, other, available).items():
+            runs[(name, f"{backend}, {rows_of(chunk)}")] = (fn, None)
+    return runs
+
+
+def lawa_question_rows(params, buffers, per_row_chunks, available, tuning) -> dict:
+    """LAWA alone at 89-91% of copy (H200 runs 5-7), rows that ask why: native and Triton with one
+    block (program) per row, over tables of several row lengths; torch's own copy of the same bytes,
+    and torch's gather of them from the same tensors into the same ring slot."""
+    runs = {}
     # The persistent grid's drain: its blocks each walk an equal share, ~0.13 ms long, and an SM whose
     # blocks finish first idles to the end. A grid of one block per row (the GPU starts each block as a
     # slot frees) ends within one row's time: 2^13 elements are 16 KB of bf16, four passes of a block.
@@ -124,27 +134,40 @@ def lawa_question_rows(params, buffers, chunks, per_row_chunks, available, tunin
             runs[("lawa", f"triton, a program per row, {rows_of(chunk)}")] = (triton_per_row("lawa", fine), None)
         if available["native"] is None and native_per_row is not None:
             runs[("lawa", f"native, a block per row, {rows_of(chunk)}")] = (native_run("lawa", fine), native_per_row)
-    # LAWA alone moves half the copy baseline's bytes (0.5 GB against 1 GiB) in one launch of ~0.13 ms,
-    # where a launch's fixed ramp-up and drain weigh twice as much: torch's own copy of the same bytes,
-    # one contiguous tensor, says how near 100% a kernel of that size can come.
+    # LAWA alone is a copy: the parameters into a ring slot, read once and written once, as the copy
+    # baseline. torch's copy of the same bytes as one contiguous tensor (cudaMemcpyAsync) says how near
+    # 100% a transfer of that size comes; torch.cat of the 148 tensors into the slot is torch's own
+    # gather of them (a kernel over batches of tensors, each its own stream), as LAWA reads them.
     flat = torch.cat(params)
     copy_out = torch.empty_like(flat)
     runs[("lawa", "torch copy_, same bytes")] = (lambda: copy_out.copy_(flat), None)
+    slot = buffers[3][1]
+    runs[("lawa", "torch.cat into the slot")] = (lambda: torch.cat(params, out=slot), None)
     return runs
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--blocks", type=int, nargs="+", default=[512, 1024, 2048, 4096])
-    parser.add_argument("--warps", type=int, nargs="+", default=[4, 8])
+    # 8 warps never beat 4 by more than the noise (H200 run 6: LAWA alone 0.133 against 0.131 ms at
+    # 1,024 elements, EMA+SWA+LAWA 0.649 against 0.644 at its best): 4 only, unless asked, to leave
+    # the sweep's 90 s in gpu_check.sh to the rows over other tables and grids.
+    parser.add_argument("--warps", type=int, nargs="+", default=[4])
     parser.add_argument("--threads", type=int, nargs="+", default=[256, 128], help="native CUDA threads per block")
     parser.add_argument("--unroll", type=int, nargs="+", default=[1, 2, 4], help="native CUDA unroll (LAWA, swap)")
     parser.add_argument(
         "--lawa-chunks",
         type=int,
         nargs="+",
-        default=[1 << 16, 1 << 17],
+        default=[1 << 11, 1 << 12, 1 << 13, 1 << 16, 1 << 17],
         help="also time LAWA alone over tables of these row lengths (the default table's: 2^15)",
+    )
+    parser.add_argument(
+        "--table-chunks",
+        type=int,
+        nargs="+",
+        default=[1 << 13],
+        help="also time every other update and swap over tables of these row lengths",
     )
     parser.add_argument(
         "--per-row-chunks",
@@ -186,8 +209,11 @@ def main(argv=None) -> None:
         if available["native"] is None:
             native = native_rows(name, native_run(name, buffers), tuning, args.threads, args.unroll)
             runs.update({(name, kernel): row for kernel, row in native.items()})
+        runs.update(
+            table_rows(name, params, buffers, args.lawa_chunks if name == "lawa" else args.table_chunks, available)
+        )
         if name == "lawa":
-            runs.update(lawa_question_rows(params, buffers, args.lawa_chunks, args.per_row_chunks, available, tuning))
+            runs.update(lawa_question_rows(params, buffers, args.per_row_chunks, available, tuning))
     # The same update through opt.step() as fastavg-bench times it (the Averager's own buffers, the
     # ring slot cycling over 5, a first step that copies): Triton's EMA+SWA+LAWA ran at 84% there
     # and 90% here (H200 runs 3-5) while its grid came from the first step's kernel (update.py).

@@ -251,8 +251,10 @@ def test_kernel_sweep_runs_every_kernel(capsys):
     expected = {(u, k) for u in ("ema", "lawa", "ema+lawa", "all") for k, b in kernels.items() if b in available}
     expected |= {("swap", k) for k in ("triton", "native") if k in available}
     expected |= {("all", f"opt.step() {b}") for b in ("triton", "native") if b in available}
-    expected |= {("lawa", "torch copy_, same bytes")}  # the ceiling for a transfer of LAWA's size
-    expected |= {("lawa", f"{b}, rows of 2^{e}") for b in ("triton", "native") if b in available for e in (16, 17)}
+    expected |= {("lawa", "torch copy_, same bytes"), ("lawa", "torch.cat into the slot")}  # torch's ceilings
+    kernel_backends = [b for b in ("triton", "native") if b in available]
+    expected |= {("lawa", f"{b}, rows of 2^{e}") for b in kernel_backends for e in (11, 12, 13, 16, 17)}
+    expected |= {(u, f"{b}, rows of 2^13") for b in kernel_backends for u in ("ema", "ema+lawa", "all", "swap")}
     expected |= {("lawa", f"triton, a program per row, rows of 2^{e}") for e in (13, 14, 15) if "triton" in available}
     assert {(r[0], " ".join(r[1:-3])) for r in rows} == expected and expected
     assert all(float(r[-3]) > 0 for r in rows)
@@ -330,7 +332,7 @@ def test_kernel_sweep_times_lawa_with_a_block_per_row():
     ring = torch.full((3, n), float("nan"), dtype=torch.bfloat16)
     buffers = (params, build_table(params), [torch.zeros(n)], ring, torch.empty(n, dtype=torch.bfloat16))
     available = {"triton": "not here", "native": None}
-    runs = sweep.lawa_question_rows(params, buffers, [], [8, 1 << 15], available, tuning)
+    runs = sweep.lawa_question_rows(params, buffers, [8, 1 << 15], available, tuning)
     per_row = {kernel: row for (update, kernel), row in runs.items() if "block per row" in kernel}
     assert {k: v[1] for k, v in per_row.items()} == {
         "native, a block per row, rows of 2^3": (256, 1, True),  # the stand-in's current settings
@@ -342,15 +344,52 @@ def test_kernel_sweep_times_lawa_with_a_block_per_row():
             assert tuning.state == [256, 1, 1]
             fn()
         assert torch.equal(ring[1], torch.cat(params)) and tuning.state == [256, 1, 0]  # the sweep writes slot 1
-    assert not any("block per row" in k for _, k in sweep.lawa_question_rows(params, buffers, [], [8], available, None))
+    assert not any("block per row" in k for _, k in sweep.lawa_question_rows(params, buffers, [8], available, None))
 
     if fastavg.available_backends("cpu")["triton"] is None:  # Triton's row, a program per row (interpreter)
         available["triton"] = None
-        runs = sweep.lawa_question_rows(params, buffers, [], [8], available, None)
+        runs = sweep.lawa_question_rows(params, buffers, [8], available, None)
         fn, settings = runs[("lawa", "triton, a program per row, rows of 2^3")]
         ring.fill_(float("nan"))
         fn()
         assert settings is None and torch.equal(ring[1], torch.cat(params))
+
+
+def test_kernel_sweep_rows_over_other_tables_compute_what_the_default_table_does():
+    """The sweep's rows over tables of other row lengths (the persistent grid; every backend here) and
+    torch's gather into the ring slot: each writes the whole slot, or the same averages as the default
+    table's kernel."""
+    from fastavg.table import build_table
+
+    sweep = _bench_script()
+    available = fastavg.available_backends("cpu")
+    if all(why is not None for backend, why in available.items() if backend != "torch"):
+        pytest.skip("needs the native or the Triton backend")
+    params = [torch.randn(n).bfloat16() for n in (4099, 8, 1, 31)]
+    n = sum(p.numel() for p in params)
+    ring = torch.full((3, n), float("nan"), dtype=torch.bfloat16)
+    averages = [torch.randn(n) for _ in range(2)]
+    buffers = (params, build_table(params), averages, ring, torch.empty(n, dtype=torch.bfloat16))
+    lawa = sweep.table_rows("lawa", params, buffers, [8, 64, 1 << 15], available)
+    assert {k for _, k in lawa} == {
+        f"{b}, rows of 2^{e}" for b in ("triton", "native") if available[b] is None for e in (3, 6)
+    }  # fmt: skip  (2^15 is the default table's own row)
+    runs = {**lawa, **sweep.lawa_question_rows(params, buffers, [], available, None)}
+    for (_, kernel), (fn, settings) in runs.items():
+        if kernel != "torch copy_, same bytes":
+            ring.fill_(float("nan"))
+            fn()
+            assert settings is None and torch.equal(ring[1], torch.cat(params)), kernel
+    for backend, fn in sweep.default_kernel("all", buffers, available).items():
+        start = [a.clone() for a in averages]
+        fn()
+        expected = [a.clone() for a in averages]
+        for (_, kernel), (fine, _) in sweep.table_rows("all", params, buffers, [8], available).items():
+            if kernel.startswith(backend):
+                for a, s in zip(averages, start):
+                    a.copy_(s)
+                fine()
+                assert all(torch.equal(a, e) for a, e in zip(averages, expected)), kernel
 
 
 def test_kernel_sweep_native_rows_set_and_restore_their_tuning():
