@@ -135,12 +135,15 @@ def lawa_question_rows(params, buffers, per_row_chunks, available, tuning) -> di
         if available["native"] is None and native_per_row is not None:
             runs[("lawa", f"native, a block per row, {rows_of(chunk)}")] = (native_run("lawa", fine), native_per_row)
     # LAWA alone is a copy: the parameters into a ring slot, read once and written once, as the copy
-    # baseline. torch's copy of the same bytes as one contiguous tensor (cudaMemcpyAsync) says how near
-    # 100% a transfer of that size comes; torch.cat of the 148 tensors into the slot is torch's own
-    # gather of them (a kernel over batches of tensors, each its own stream), as LAWA reads them.
+    # baseline. torch's copy of the same bytes as one contiguous tensor (cudaMemcpyAsync, the driver's
+    # copy) says how near 100% a transfer of that size comes; torch.neg into another tensor is an
+    # elementwise kernel of torch's moving the same bytes through the SMs, its blocks walking one
+    # window forward; torch.cat of the 148 tensors into the slot is torch's own gather of them (a
+    # kernel over batches of tensors, each its own stream), as LAWA reads them.
     flat = torch.cat(params)
     copy_out = torch.empty_like(flat)
     runs[("lawa", "torch copy_, same bytes")] = (lambda: copy_out.copy_(flat), None)
+    runs[("lawa", "torch neg (a kernel), same bytes")] = (lambda: torch.neg(flat, out=copy_out), None)
     slot = buffers[3][1]
     runs[("lawa", "torch.cat into the slot")] = (lambda: torch.cat(params, out=slot), None)
     return runs
