@@ -31,8 +31,8 @@ class Setting(NamedTuple):
 
 
 def tuning_hooks():
-    """The native CUDA build's hooks (set_block_threads, set_unroll), or None where the build has
-    none: no CUDA kernels, or no native extension at all."""
+    """The native CUDA build's hooks (set_block_threads, set_unroll, set_block_per_row), or None where
+    the build has none: no CUDA kernels, or no native extension at all."""
     from .. import native_backend  # noqa: F401  (loading fastavg._C registers the hooks)
 
     hooks = torch.ops.fastavg_native_tuning
