@@ -9,6 +9,7 @@ the first due step (an exact copy: ``torch.lerp`` returns ``end`` exactly at wei
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -27,6 +28,26 @@ def _check_real(spec: str, field: str, value, allowed: str) -> None:
         raise TypeError(f"{spec}.{field} must be a real number {allowed}, got {value!r} ({type(value).__name__})")
 
 
+def _keywords_named(cls):
+    """``cls``'s generated ``__init__``, with errors for an unknown keyword or too many positional
+    arguments that name the fields it takes (Python's own name only the offending keyword)."""
+    init, fields = cls.__init__, [f.name for f in dataclasses.fields(cls)]
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        unknown = [k for k in kwargs if k not in fields]
+        if unknown:
+            raise TypeError(f"{cls.__name__} got an unknown keyword {unknown[0]!r}; its fields are {', '.join(fields)}")
+        if len(args) > len(fields):
+            raise TypeError(
+                f"{cls.__name__} takes at most {len(fields)} arguments ({', '.join(fields)}), got {len(args)}"
+            )
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
+
+
 class _Schedule:
     """The due rule shared by every spec: due at step t iff t > start and (t - start) % every == 0."""
 
@@ -43,6 +64,7 @@ class _Schedule:
         return dataclasses.asdict(self)
 
 
+@_keywords_named
 @dataclass(frozen=True)
 class EMA(_Schedule):
     """Exponential moving average; ``power`` turns on the warm-up ``d_j = min(decay, 1 - (1 + (j-1)/inv_gamma)^-power)``."""
@@ -79,6 +101,7 @@ class EMA(_Schedule):
         return 1.0 if j == 1 else 1.0 - self.decay_at(j)
 
 
+@_keywords_named
 @dataclass(frozen=True)
 class SWA(_Schedule):
     """Stochastic weight averaging: the uniform mean of every due snapshot."""
@@ -96,6 +119,7 @@ class SWA(_Schedule):
         return 1.0 / j
 
 
+@_keywords_named
 @dataclass(frozen=True)
 class LAWA(_Schedule):
     """Latest weight averaging: the uniform mean of the latest ``window`` due snapshots."""

@@ -61,10 +61,30 @@ def test_out_of_range_raises_value_error_naming_field(make, field):
         make()
 
 
-@pytest.mark.parametrize("cls", [EMA, SWA, LAWA])
-def test_unknown_keyword_raises_type_error(cls):
-    with pytest.raises(TypeError, match="bogus"):
+@pytest.mark.parametrize(
+    "cls, fields",
+    [(EMA, "decay, every, start, power, inv_gamma"), (SWA, "every, start"), (LAWA, "window, every, start")],
+)
+def test_unknown_keyword_raises_type_error_naming_it_and_the_fields(cls, fields):
+    with pytest.raises(TypeError, match=f"unknown keyword 'bogus'; its fields are {fields}$"):
         cls(bogus=1)
+    with pytest.raises(TypeError, match=f"takes at most {fields.count(',') + 1} arguments \\({fields}\\), got 6"):
+        cls(1, 1, 1, 1, 1, 1)
+    # A known field given twice is still Python's own error.
+    with pytest.raises(TypeError, match="multiple values"):
+        cls(1, **{fields.split(", ")[0]: 1})
+
+
+def test_specs_keep_their_signature_and_copy():
+    import dataclasses
+    import inspect
+    import pickle
+
+    assert list(inspect.signature(LAWA).parameters) == ["window", "every", "start"]
+    spec = dataclasses.replace(LAWA(window=3, every=2), start=4)
+    assert spec == LAWA(3, 2, 4) and pickle.loads(pickle.dumps(spec)) == spec
+    with pytest.raises(TypeError, match="unknown keyword 'windw'"):
+        dataclasses.replace(spec, windw=2)
 
 
 def test_edge_values_accepted():
