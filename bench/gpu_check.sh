@@ -97,7 +97,7 @@ fi
 stage_done cpu-tests
 
 "$PY" - "$OUT" "$tests_rc" "$started" <<'PY'
-import json, sys, time, xml.etree.ElementTree as ET
+import json, re, sys, time, xml.etree.ElementTree as ET
 import torch
 out, rc, started = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 summary = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "tests_exit_code": rc,
@@ -158,8 +158,9 @@ try:
     summary["build"] = [l.strip() for l in open(f"{out}/env_and_install.txt") if l.startswith("install + native build")]
     summary["native_error_probes"] = [l.strip() for l in open(f"{out}/env_and_install.txt")
                                       if l.startswith("native error probe")]
-    summary["stage_s"] = {l.split(":")[0][len("stage "):]: int(l.split(":")[1].split()[0])
-                          for l in open(f"{out}/env_and_install.txt") if l.startswith("stage ")}
+    # Only our own lines: the log also holds pip's and the compiler's output.
+    stages = (re.fullmatch(r"stage ([\w-]+): (\d+) s", l.strip()) for l in open(f"{out}/env_and_install.txt"))
+    summary["stage_s"] = {m[1]: int(m[2]) for m in stages if m}
 except Exception as err:  # the summary must be written whatever broke
     summary["backends_cuda"] = f"fastavg did not import: {err}"
 summary["wall_s"] = int(time.time()) - started

@@ -602,7 +602,7 @@ def test_gpu_check_script_parses_and_summarises_a_run(tmp_path):
                if r["impl"] == "fastavg-native"]  # fmt: skip
     (tmp_path / "bench_gpt2.json").write_text(json.dumps([header, *records, *faster, *per_row]))
     (tmp_path / "env_and_install.txt").write_text(
-        "install + native build: 31 s\nstage install: 40 s\nstage bench: 71 s\n"
+        "install + native build: 31 s\nstage install: 40 s\nstage 1 of the build\nstage bench: 71 s\n"
     )
     result = subprocess.run([sys.executable, "-c", summary_code, str(tmp_path), "0", "0"], capture_output=True,
                             text=True, cwd=root)  # fmt: skip
