@@ -158,7 +158,9 @@ int64_t set_unroll(int64_t factor) {
   return factor == static_cast<int>(factor) ? cuda::set_unroll(static_cast<int>(factor)) : -1;
 }
 
-int64_t set_block_per_row(int64_t on) { return on == 0 || on == 1 ? cuda::set_block_per_row(static_cast<int>(on)) : -1; }
+int64_t set_block_per_row(int64_t on) {
+  return on == static_cast<int>(on) ? cuda::set_block_per_row(static_cast<int>(on)) : -1;
+}
 
 }  // namespace
 

@@ -97,7 +97,8 @@ inline void stream_fence() {
 constexpr int64_t kStreamMinBytes = 32 << 10;
 
 // One task's copies into a ring slot or backup: streamed when the task is large enough to pay for
-// the fence, which the destructor issues; cached otherwise.
+// the fence, which the destructor issues after streamed stores only (a task with no ring, an EMA's,
+// copies nothing); cached otherwise.
 template <typename T>
 class SinkCopies {
  public:
@@ -106,11 +107,12 @@ class SinkCopies {
   SinkCopies(const SinkCopies&) = delete;
   SinkCopies& operator=(const SinkCopies&) = delete;
   ~SinkCopies() {
-    if (stream_) stream_fence();
+    if (streamed_) stream_fence();
   }
-  void copy(T* dst, const T* src, int64_t n) const {
+  void copy(T* dst, const T* src, int64_t n) {
     if (stream_) {
       stream_copy(dst, src, n);
+      streamed_ = true;
     } else {
       convert(dst, src, n);
     }
@@ -118,6 +120,7 @@ class SinkCopies {
 
  private:
   const bool stream_;
+  bool streamed_ = false;
 };
 
 template <typename A, typename M>
@@ -174,7 +177,7 @@ void update_impl(at::TensorList params, at::TensorList averages, at::ArrayRef<do
     const P* p = param.data_ptr<P>();
     const int64_t base = offset;
     at::parallel_for(0, param.numel(), kGrain, [&](int64_t begin, int64_t end) {
-      const SinkCopies<P> sink(end - begin);
+      SinkCopies<P> sink(end - begin);
       if (avg.empty()) {  // rings alone: one copy of the whole range, nothing to convert
         for (size_t k = 0; k < slot.size(); ++k) sink.copy(slot[k] + base + begin, p + begin, end - begin);
         return;

@@ -2,6 +2,7 @@
 // headers, so every source compiles with nvcc anywhere; cuda_binding.cpp binds them to torch.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <atomic>
 
 #include "cuda_kernels.cuh"
@@ -29,15 +30,16 @@ unsigned blocks_for(Kernel kernel, int64_t work, int device, int threads) {
 
 // Update and swap launches' grid (set_block_per_row): the persistent grid above (false, the default),
 // or one block per table row (true), which the GPU runs in waves as blocks finish, so that no block
-// is left with work when the others are done. A question for the sweep: LAWA alone, a 0.13 ms
-// copy, stays at 89-90% of copy (H200, runs 6 and 7) while the longer updates reach 91-94%, as if a
-// fixed part of each launch, the ramp-up or the drain, were not moving bytes.
+// is left with work when the others are done. A question for the sweep and the benchmark: LAWA
+// alone stays at 89-90% of copy (H200, runs 6 and 7). Over finer rows this grid also narrows the
+// span of memory the active blocks touch at once (bench/NOTES.md, session of 14:30: every update
+// that writes as much as it reads lands at 90-92%).
 std::atomic<bool> block_per_row{false};
 constexpr int64_t kMaxGridX = 2147483647;  // gridDim.x's limit: the kernels' row loop covers any rows past it
 
 template <typename Kernel>
 unsigned grid_for(Kernel kernel, int64_t rows, int device, int threads) {
-  if (block_per_row.load()) return static_cast<unsigned>(rows < kMaxGridX ? rows : kMaxGridX);
+  if (block_per_row.load()) return static_cast<unsigned>(std::min(rows, kMaxGridX));
   return blocks_for(kernel, rows, device, threads);
 }
 
