@@ -155,11 +155,11 @@ except (OSError, ValueError, KeyError) as err:
 try:
     import fastavg
     summary["backends_cuda"] = fastavg.available_backends("cuda")
-    summary["build"] = [l.strip() for l in open(f"{out}/env_and_install.txt") if l.startswith("install + native build")]
-    summary["native_error_probes"] = [l.strip() for l in open(f"{out}/env_and_install.txt")
-                                      if l.startswith("native error probe")]
+    install_log = [l.strip() for l in open(f"{out}/env_and_install.txt")]
+    summary["build"] = [l for l in install_log if l.startswith("install + native build")]
+    summary["native_error_probes"] = [l for l in install_log if l.startswith("native error probe")]
     # Only our own lines: the log also holds pip's and the compiler's output.
-    stages = (re.fullmatch(r"stage ([\w-]+): (\d+) s", l.strip()) for l in open(f"{out}/env_and_install.txt"))
+    stages = (re.fullmatch(r"stage ([\w-]+): (\d+) s", l) for l in install_log)
     summary["stage_s"] = {m[1]: int(m[2]) for m in stages if m}
 except Exception as err:  # the summary must be written whatever broke
     summary["backends_cuda"] = f"fastavg did not import: {err}"

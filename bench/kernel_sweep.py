@@ -100,8 +100,11 @@ def default_kernel(name, buffers, available) -> dict:
     if available["triton"] is None:
         from fastavg.kernels import swap, update
 
-        call_args = None if name == "swap" else update_args(name, buffers)
-        runs["triton"] = swap_round_trip(swap, buffers) if name == "swap" else lambda: update.update_(*call_args)
+        if name == "swap":
+            runs["triton"] = swap_round_trip(swap, buffers)
+        else:
+            call_args = update_args(name, buffers)
+            runs["triton"] = lambda: update.update_(*call_args)
     if available["native"] is None:
         runs["native"] = native_run(name, buffers)
     return runs
