@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 from .access import cast, load, store
-from .table import BLOCK, NUM_WARPS, launch
+from .table import BLOCK, FP_FUSION, NUM_WARPS, launch
 
 
 @triton.jit
@@ -37,4 +37,4 @@ def ring_mean_(out, ring, count) -> None:
     n = out.numel()
     if n:
         launch(ring_mean_kernel, n // BLOCK, out.device, out, ring, n, ring.stride(0), count, BLOCK=BLOCK,
-               num_warps=NUM_WARPS)  # fmt: skip
+               num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)  # fmt: skip

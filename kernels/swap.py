@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .access import cast, full_blocks_end, load, row, store
-from .table import BLOCK, NUM_WARPS, TL_DTYPES, launch, vector_width
+from .table import BLOCK, FP_FUSION, NUM_WARPS, TL_DTYPES, launch, vector_width
 
 
 @triton.jit
@@ -76,6 +76,7 @@ def _launch(params, table, backup, source, stride, count, avg_dtype, mode) -> No
         swap_kernel, n_rows, table.device, table, n_rows, backup, source, stride, count,
         P_DTYPE=TL_DTYPES[params[0].dtype], AVG_DTYPE=TL_DTYPES[avg_dtype], MODE=mode,
         BLOCK=BLOCK, VEC=vector_width(params[0].dtype, source.dtype), num_warps=NUM_WARPS,
+        enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
 
 

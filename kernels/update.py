@@ -14,7 +14,7 @@ import triton.language as tl
 
 from ..ops import update_launches
 from .access import cast, full_blocks_end, load, math_dtype, row, store
-from .table import BLOCK, NUM_WARPS, TL_DTYPES, launch, split_weight, vector_width
+from .table import BLOCK, FP_FUSION, NUM_WARPS, TL_DTYPES, launch, split_weight, vector_width
 
 MAX_AVERAGES, MAX_RINGS = 4, 2  # per launch; more (rare) take further launches
 
@@ -134,6 +134,7 @@ def _plan(p_dtype, avg_dtype, ring_dtype, n_avg: int, n_ring: int, block, num_wa
         P_DTYPE=TL_DTYPES[p_dtype], N_RING=n_ring,
         BLOCK=block or (MANY_BUFFERS_BLOCK if n_avg + n_ring >= 2 else BLOCK),
         VEC=vector_width(p_dtype, *([avg_dtype] if n_avg else [])), num_warps=num_warps,
+        enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     kernel = snapshot_kernel
     if n_avg:

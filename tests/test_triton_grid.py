@@ -197,7 +197,11 @@ def test_first_update_compiles_the_kernel_later_steps_run():
     for count in (1, 3):
         args = (rows, rows.shape[0], backup, ring, ring.stride(0), count)
         constexprs = dict(P_DTYPE=tl.bfloat16, AVG_DTYPE=tl.float32, MODE=swap.FROM_RING, BLOCK=table.BLOCK, VEC=8)
-        kernels.append(swap.swap_kernel.warmup(*args, grid=(1,), **constexprs, num_warps=table.NUM_WARPS))
+        kernels.append(
+            swap.swap_kernel.warmup(
+                *args, grid=(1,), **constexprs, num_warps=table.NUM_WARPS, enable_fp_fusion=table.FP_FUSION
+            )
+        )
     assert kernels[0].hash == kernels[1].hash
 
 
@@ -234,3 +238,28 @@ def test_programs_walk_many_rows(monkeypatch):
     assert torch.equal(ring, t_ring) and torch.equal(restored, t_params) and torch.equal(backup, t_backup)
     torch.testing.assert_close(out, t_out, **TOL[torch.float32])
     assert torch.equal(swapped, avg[0].to(torch.bfloat16))
+
+
+def test_every_launch_names_its_fp_contraction(monkeypatch):
+    """Triton 3.9 warns that its default contraction will change (off in 3.10): each launch passes
+    table.FP_FUSION, so the kernels' numerics do not depend on which Triton is installed (the PTX
+    of the contraction: test_triton_ptx.py)."""
+    metas = []
+
+    def recording(kernel, work_items, device, *args, **meta):
+        metas.append(meta)
+
+    for module in (update, swap, ring_mean):
+        monkeypatch.setattr(module, "launch", recording)
+    params = _params([4099, 7], torch.bfloat16, "cpu", misaligned=False)
+    flat, rows = params, table.build_table(params)
+    average, ring = _randn(4106, seed=1), torch.zeros(2, 4106, dtype=torch.bfloat16)
+    backup = torch.empty(4106, dtype=torch.bfloat16)
+    update.update_(flat, rows, [average], [0.5], [ring], [0])  # EMA + LAWA
+    update.update_(flat, rows, [], [], [ring], [1])  # LAWA alone: snapshot_kernel
+    swap.swap_in_(flat, rows, backup, average)
+    swap.swap_in_ring_(flat, rows, backup, ring, 2, torch.float32)
+    swap.restore_(flat, rows, backup)
+    ring_mean.ring_mean_(torch.empty(4106), ring, 2)
+    assert len(metas) == 6
+    assert all(meta.get("enable_fp_fusion") is table.FP_FUSION for meta in metas), metas

@@ -13,7 +13,7 @@ import torch
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 from fastavg.kernels import ring_mean, swap, update  # noqa: E402
-from fastavg.kernels.table import INTERPRET  # noqa: E402
+from fastavg.kernels.table import FP_FUSION, INTERPRET, NUM_WARPS  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
@@ -46,7 +46,8 @@ def _compile(fn, signature: dict, constexprs: dict, arch: int):
     }
     full = dict(signature, **{k: "constexpr" for k in constexprs})
     source = ASTSource(fn=fn, signature=full, constexprs=constexprs, attrs=aligned)
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32))
+    options = {"num_warps": NUM_WARPS, "enable_fp_fusion": FP_FUSION}  # as the launches pass them
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
     assert f".target sm_{arch}" in compiled.asm["ptx"]
     return compiled
 
@@ -102,6 +103,17 @@ def test_update_kernel_vectorises_aligned_rows(arch, p_dtype, ring, n_avg, n_rin
     # The masked loop (misaligned rows and tails) is scalar: nothing vectorised it on a hint.
     scalar_param = "ld.global.b32" if p_dtype == tl.float32 else "ld.global.b16"
     assert counts[scalar_param] > 0, counts
+
+
+@compiling
+@pytest.mark.parametrize("arch", ARCHS)
+def test_update_kernel_contracts_the_lerp_into_fmas(arch):
+    """The launches' FP_FUSION: lerp's multiply-adds are FMAs, as nvcc compiles torch's CUDA lerp
+    and the native kernels. Triton 3.10 turns its default off: then each would be a mul.rn and an
+    add.rn (each rounded), and the Triton backend's averages would drift from the others' by an ulp."""
+    constexprs = {"P_DTYPE": tl.bfloat16, "MATH": tl.float32, "N_AVG": 1, "N_RING": 0, "BLOCK": BLOCK, "VEC": 4}
+    ptx = _compile(update.update_kernel, _update_signature(), constexprs, arch).asm["ptx"]
+    assert "fma.rn.f32" in ptx and "mul.rn.f32" not in ptx
 
 
 @compiling
