@@ -121,10 +121,11 @@ def table_rows(name, params, buffers, chunks, available) -> dict:
     return runs
 
 
-def lawa_question_rows(params, buffers, per_row_chunks, available, tuning) -> dict:
+def lawa_question_rows(params, buffers, per_row_chunks, available, tuning, bulk_chunks=(CHUNK,)) -> dict:
     """LAWA alone at 89-91% of copy (H200 runs 5-7), rows that ask why: native and Triton with one
-    block (program) per row, over tables of several row lengths; torch's own copy of the same bytes,
-    and torch's gather of them from the same tensors into the same ring slot."""
+    block (program) per row, over tables of several row lengths; native through the TMA's bulk
+    copies; torch's own copy of the same bytes, and torch's gather of them from the same tensors
+    into the same ring slot."""
     runs = {}
     # The persistent grid's drain: its blocks each walk an equal share, ~0.13 ms long, and an SM whose
     # blocks finish first idles to the end. A grid of one block per row (the GPU starts each block as a
@@ -137,6 +138,15 @@ def lawa_question_rows(params, buffers, per_row_chunks, available, tuning) -> di
             runs[("lawa", f"triton, a program per row, {rows_of(chunk)}")] = (triton_per_row("lawa", fine), None)
         if available["native"] is None and native_per_row is not None:
             runs[("lawa", f"native, a block per row, {rows_of(chunk)}")] = (native_run("lawa", fine), native_per_row)
+    # The TMA (sm_90; cuda_kernels.cuh's bulk_ring_kernel): one thread per block moves each row in
+    # 8 KB stages, global -> shared -> global, three loads in flight, where the vector kernel's
+    # threads each hold 16-byte loads. On the persistent grid, and over longer rows (fewer table
+    # reads and stage restarts); a build whose GPU lacks the TMA runs the vector kernel instead.
+    if available["native"] is None and tuning is not None:
+        bulk = current_settings(tuning)._replace(bulk=True)
+        for chunk in bulk_chunks:
+            fine = (params, buffers[1] if chunk == CHUNK else build_table(params, chunk), *buffers[2:])
+            runs[("lawa", f"native, TMA bulk copies, {rows_of(chunk)}")] = (native_run("lawa", fine), bulk)
     # LAWA alone is a copy: the parameters into a ring slot, read once and written once, as the copy
     # baseline. torch's copy of the same bytes as one contiguous tensor (cudaMemcpyAsync, the driver's
     # copy) says how near 100% a transfer of that size comes; torch.neg into another tensor is an
@@ -150,6 +160,15 @@ def lawa_question_rows(params, buffers, per_row_chunks, available, tuning) -> di
     slot = buffers[3][1]
     runs[("lawa", "torch.cat into the slot")] = (lambda: torch.cat(params, out=slot), None)
     return runs
+
+
+def writes_the_slot(fn, buffers) -> bool:
+    """Whether one call of a LAWA row's ``fn`` writes the parameters into ring slot 1, poisoned first:
+    the sweep times variants (grids, tables, the TMA's copies) that no GPU test has run before."""
+    params, _, _, ring, _ = buffers
+    ring[1].fill_(float("nan"))
+    fn()
+    return torch.equal(ring[1], torch.cat(params))
 
 
 def main(argv=None) -> None:
@@ -182,6 +201,14 @@ def main(argv=None) -> None:
         default=[1 << 13, 1 << 14, CHUNK],
         help="also time LAWA alone with one block (Triton: program) per row, over tables of these row lengths "
         "(native only where the build has tuning hooks: a GPU)",
+    )
+    parser.add_argument(
+        "--bulk-chunks",
+        type=int,
+        nargs="*",
+        default=[CHUNK, 1 << 17],
+        help="also time LAWA alone through the TMA's bulk copies over tables of these row lengths (native, a GPU); "
+        "none: no such rows (gpu_check.sh, where its bulk probe failed)",
     )
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--device", default="cuda")
@@ -219,7 +246,7 @@ def main(argv=None) -> None:
             table_rows(name, params, buffers, args.lawa_chunks if name == "lawa" else args.table_chunks, available)
         )
         if name == "lawa":
-            runs.update(lawa_question_rows(params, buffers, args.per_row_chunks, available, tuning))
+            runs.update(lawa_question_rows(params, buffers, args.per_row_chunks, available, tuning, args.bulk_chunks))
     # The same update through opt.step() as fastavg-bench times it (the Averager's own buffers, the
     # ring slot cycling over 5, a first step that copies): Triton's EMA+SWA+LAWA ran at 84% there
     # and 90% here (H200 runs 3-5) while its grid came from the first step's kernel (update.py).
@@ -228,9 +255,11 @@ def main(argv=None) -> None:
             runs[("all", f"opt.step() {backend}")] = (fastavg_case("all", params, backend).step, None)
     for (name, kernel), (fn, settings) in runs.items():
         with launch_settings(tuning, *settings) if settings else contextlib.nullcontext():
+            checked = name != "lawa" or not kernel.startswith(("native", "triton")) or writes_the_slot(fn, buffers)
             ms = median_ms(fn, device, args.repeats, 1 if args.quick else 3, calls=1 if args.quick else 20)
         gbps = n * bytes_per_element(name) / (ms * 1e-3) / 1e9
-        print(f"{name:8} {kernel:40} {ms:9.4f} {gbps:8.0f} {100 * gbps / copy_gbps:6.1f}%")
+        wrong = "" if checked else "  WRONG: the ring slot differs from the parameters"
+        print(f"{name:8} {kernel:40} {ms:9.4f} {gbps:8.0f} {100 * gbps / copy_gbps:6.1f}%{wrong}")
 
 
 if __name__ == "__main__":

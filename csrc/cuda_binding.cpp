@@ -162,16 +162,21 @@ int64_t set_block_per_row(int64_t on) {
   return on == static_cast<int>(on) ? cuda::set_block_per_row(static_cast<int>(on)) : -1;
 }
 
+int64_t set_bulk_rings(int64_t on) {
+  return on == static_cast<int>(on) ? cuda::set_bulk_rings(static_cast<int>(on)) : -1;
+}
+
 }  // namespace
 
 // Tuning hooks for bench/kernel_sweep.py, not part of the ops (fastavg/ops.py's SCHEMAS): the
 // threads per block, the vectors per thread per pass, and the grid (one block per row or not) of later
-// update and swap launches; each returns the previous setting, or -1 for one the kernels cannot run
-// (nothing changed).
+// update and swap launches, and the TMA's copies for LAWA alone; each returns the previous setting,
+// or -1 for one the kernels cannot run (nothing changed).
 TORCH_LIBRARY(fastavg_native_tuning, m) {
   m.def("set_block_threads(int threads) -> int", &set_block_threads);
   m.def("set_unroll(int factor) -> int", &set_unroll);
   m.def("set_block_per_row(int on) -> int", &set_block_per_row);
+  m.def("set_bulk_rings(int on) -> int", &set_bulk_rings);
 }
 
 TORCH_LIBRARY_IMPL(fastavg_native, CUDA, m) {

@@ -213,6 +213,189 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const __grid_constant_
   }
 }
 
+// ---- LAWA alone through the Tensor Memory Accelerator (sm_90): a question for the sweep ----
+//
+// Every update that writes as much as it reads runs at 90-92% of torch's copy_ on the H200, and
+// LAWA alone (a copy of the parameters into a ring slot) at 89.8%; the copy itself is the driver's.
+// bulk_ring_kernel copies with the TMA instead of 16-byte loads and stores: one thread per block
+// moves each aligned row part in stages of kBulkStageBytes, global -> shared -> global
+// (cp.async.bulk), kBulkStages - 1 loads in flight while the last stage is stored. The other
+// threads copy what the TMA cannot (misaligned rows, tails) element by element. Chosen only by
+// set_bulk_rings (ops_cuda.cu), for ring-only updates on sm_90 and later.
+constexpr int kBulkStages = 4;
+constexpr int kBulkStageBytes = 8192;  // 4 stages: 32 KB of shared memory, 7 blocks per SM
+
+// The async copies, one thread issuing them. On sm_90 and later, the TMA's PTX. Where
+// FASTAVG_BULK_MODEL is defined (tests/cuda_host/emulate.cpp), a host model that runs each copy
+// as late as a GPU may, and fails a wait that would hang or return early.
+#if defined(FASTAVG_BULK_MODEL)
+void bulk_init(uint64_t* barrier);
+void bulk_load(void* stage, const void* source, unsigned bytes, uint64_t* barrier);
+void bulk_wait(uint64_t* barrier, unsigned parity);
+void bulk_store(void* target, const void* stage, unsigned bytes);
+void bulk_commit();
+void bulk_wait_read_all_but_newest();
+void bulk_wait_all();
+#else
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define FASTAVG_TMA 1
+__device__ __forceinline__ unsigned shared_address(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+#endif
+// A barrier for one stage: one arrival (the issuing thread's) and the bytes of its load per phase.
+__device__ __forceinline__ void bulk_init(uint64_t* barrier) {
+#if defined(FASTAVG_TMA)
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(shared_address(barrier)) : "memory");
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");  // visible to the TMA unit
+#endif
+}
+// `bytes` from global `source` into `stage`; the barrier's phase completes when they have landed.
+__device__ __forceinline__ void bulk_load(void* stage, const void* source, unsigned bytes, uint64_t* barrier) {
+#if defined(FASTAVG_TMA)
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(shared_address(barrier)), "r"(bytes)
+               : "memory");
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                   shared_address(stage)),
+               "l"(source), "r"(bytes), "r"(shared_address(barrier))
+               : "memory");
+#endif
+}
+// Until the barrier's phase of this parity has completed: the stage's load has landed.
+__device__ __forceinline__ void bulk_wait(uint64_t* barrier, unsigned parity) {
+#if defined(FASTAVG_TMA)
+  unsigned done = 0;
+  while (!done) {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
+        : "=r"(done)
+        : "r"(shared_address(barrier)), "r"(parity)
+        : "memory");
+  }
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the landed stage, to the store that reads it
+#endif
+}
+// `bytes` of `stage` to global `target`, in the open group (bulk_commit closes it).
+__device__ __forceinline__ void bulk_store(void* target, const void* stage, unsigned bytes) {
+#if defined(FASTAVG_TMA)
+  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(target), "r"(shared_address(stage)),
+               "r"(bytes)
+               : "memory");
+#endif
+}
+__device__ __forceinline__ void bulk_commit() {
+#if defined(FASTAVG_TMA)
+  asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+#endif
+}
+// Until every committed group but the newest has read its stages: those stages may be refilled.
+__device__ __forceinline__ void bulk_wait_read_all_but_newest() {
+#if defined(FASTAVG_TMA)
+  asm volatile("cp.async.bulk.wait_group.read 1;" ::: "memory");
+#endif
+}
+// Until every committed group is done: a block may not exit while the TMA reads its shared memory.
+__device__ __forceinline__ void bulk_wait_all() {
+#if defined(FASTAVG_TMA)
+  asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+#endif
+}
+#endif
+
+// A block's rows (every gridDim.x-th) as chunks of at most kBulkStageBytes of their aligned parts:
+// where each comes from (a parameter) and goes (a byte offset into each ring slot).
+template <typename P>
+struct BulkChunks {
+  static constexpr int V = kAccessWidth<P, P>;
+  const UpdateArgs& args;
+  int64_t row;
+  int64_t done;  // bytes of `row` already issued
+
+  __device__ bool next(const char*& source, int64_t& target, unsigned& bytes) {
+    for (; row < args.rows; row += gridDim.x, done = 0) {
+      const int64_t* entry = args.table + 4 * row;
+      const int64_t aligned_bytes = row_vectors<V>(entry, args.vectors_ok) * V * int64_t(sizeof(P));
+      if (done < aligned_bytes) {
+        const int64_t left = aligned_bytes - done;
+        bytes = static_cast<unsigned>(left < kBulkStageBytes ? left : kBulkStageBytes);
+        source = reinterpret_cast<const char*>(entry[0]) + done;
+        target = entry[1] * int64_t(sizeof(P)) + done;
+        done += bytes;
+        return true;
+      }
+    }
+    return false;
+  }
+};
+
+// One thread's pipeline: chunk c lands in stage c % kBulkStages (the barrier's (c / kBulkStages)-th
+// phase), is stored to every ring, and after the next chunk's store is issued, its stage is refilled
+// with chunk c + kBulkStages once its own store has read it.
+template <typename P, int NR>
+__device__ __forceinline__ void bulk_copy_rows(const UpdateArgs& args, unsigned char (*stage)[kBulkStageBytes],
+                                               uint64_t* full) {
+  for (int s = 0; s < kBulkStages; ++s) bulk_init(&full[s]);
+  BulkChunks<P> chunks{args, blockIdx.x, 0};
+  int64_t target[kBulkStages];
+  unsigned bytes[kBulkStages];
+  int64_t issued = 0;
+  auto issue = [&]() {
+    const char* source;
+    int64_t to;
+    unsigned n;
+    if (!chunks.next(source, to, n)) return false;
+    const int s = static_cast<int>(issued % kBulkStages);
+    target[s] = to;
+    bytes[s] = n;
+    bulk_load(stage[s], source, n, &full[s]);
+    ++issued;
+    return true;
+  };
+  while (issued < kBulkStages && issue()) {
+  }
+  for (int64_t c = 0; c < issued; ++c) {
+    const int s = static_cast<int>(c % kBulkStages);
+    bulk_wait(&full[s], static_cast<unsigned>((c / kBulkStages) & 1));
+#pragma unroll
+    for (int k = 0; k < NR; ++k) bulk_store(static_cast<char*>(args.rings[k]) + target[s], stage[s], bytes[s]);
+    bulk_commit();
+    if (c > 0) {  // chunk c - 1's stores have read its stage: refill it
+      bulk_wait_read_all_but_newest();
+      issue();
+    }
+  }
+  bulk_wait_all();
+}
+
+// NR rings due and nothing else (LAWA alone), each slot = the parameters. A build run on a GPU
+// before sm_90 (no TMA) copies every element on the scalar path instead.
+template <typename P, int NR>
+__global__ void __launch_bounds__(kThreads) bulk_ring_kernel(const __grid_constant__ UpdateArgs args) {
+  static_assert(NR >= 1 && NR <= kMaxRings, "1 or 2 rings");
+  constexpr int V = kAccessWidth<P, P>;
+#if defined(__CUDA_ARCH__) && !defined(FASTAVG_TMA)
+  constexpr bool kBulk = false;
+#else
+  constexpr bool kBulk = true;
+#endif
+  if constexpr (kBulk) {
+    __shared__ alignas(128) unsigned char stage[kBulkStages][kBulkStageBytes];
+    __shared__ uint64_t full[kBulkStages];
+    if (threadIdx.x == 0) bulk_copy_rows<P, NR>(args, stage, full);
+  }
+  for (int64_t r = blockIdx.x; r < args.rows; r += gridDim.x) {
+    const int64_t* row = args.table + 4 * r;
+    const P* p = reinterpret_cast<const P*>(row[0]);
+    const int64_t offset = row[1], length = row[2];
+    const int64_t first = kBulk ? row_vectors<V>(row, args.vectors_ok) * V : 0;
+    for (int64_t j = first + threadIdx.x; j < length; j += blockDim.x) {
+      const P pv = p[j];
+#pragma unroll
+      for (int k = 0; k < NR; ++k) static_cast<P*>(args.rings[k])[offset + j] = pv;
+    }
+  }
+}
+
 // The value mode 0 / 1 swaps in for one element, as P: the average, or the ring mean rounded to A.
 template <typename P, typename A, int Mode>
 __device__ __forceinline__ P swapped_in(const void* source, int64_t flat, int64_t stride, int64_t count) {

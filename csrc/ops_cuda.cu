@@ -55,6 +55,15 @@ std::atomic<int> block_threads{kDefaultThreads};
 // two (H200, run 6, bf16; at 256 threads two vectors were slower for LAWA: 85.8% against 89.0%).
 std::atomic<int> unroll{kDefaultUnroll};
 
+// Ring-only updates (LAWA alone) through bulk_ring_kernel, the TMA's copies (set_bulk_rings), on
+// GPUs of compute capability 9 and later; elsewhere, and by default, update_kernel as for the rest.
+std::atomic<bool> bulk_rings{false};
+
+bool has_tma(int device) {
+  int major = 0;
+  return cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 9;
+}
+
 constexpr const char* kUnsupportedPair =
     "unsupported (parameter, average) dtype pair: averages must be the parameters' dtype, or float32 / float64 wider "
     "than it";
@@ -69,6 +78,17 @@ const char* last_error() {
 const char* update(UpdateArgs args, Dtype param, Dtype average, int device, void* stream) {
   if (args.rows == 0 || args.n_averages + args.n_rings == 0) return nullptr;
   finish_update_args(args);
+  if (args.n_averages == 0 && bulk_rings.load() && has_tma(device)) {
+    dispatch(param, [&](auto p_tag) {
+      using P = decltype(p_tag);
+      with_count<1, kMaxRings>(args.n_rings, [&](auto nr) {
+        auto kernel = bulk_ring_kernel<P, decltype(nr)::value>;
+        const int threads = block_threads.load();
+        kernel<<<grid_for(kernel, args.rows, device, threads), threads, 0, static_cast<cudaStream_t>(stream)>>>(args);
+      });
+    });
+    return last_error();
+  }
   const bool supported = dispatch_pair(param, average, [&](auto p_tag, auto a_tag) {
     with_update_kernel<decltype(p_tag), decltype(a_tag)>(args, unroll.load(), [&](auto kernel) {
       const int threads = block_threads.load();
@@ -123,6 +143,11 @@ int set_unroll(int factor) {
 int set_block_per_row(int on) {
   if (on != 0 && on != 1) return -1;
   return block_per_row.exchange(on == 1) ? 1 : 0;
+}
+
+int set_bulk_rings(int on) {
+  if (on != 0 && on != 1) return -1;
+  return bulk_rings.exchange(on == 1) ? 1 : 0;
 }
 
 }  // namespace cuda

@@ -39,6 +39,10 @@ int set_unroll(int factor);
 // Later update and swap launches' grid, for tuning: 0, the default, a persistent grid of at most the
 // blocks resident at once; 1, one block per table row. Returns the previous value, or -1 (unchanged).
 int set_block_per_row(int on);
+// Later ring-only update launches (LAWA alone) through the TMA's bulk copies on GPUs that have it
+// (compute capability 9 and later), for tuning: 0, the default, off; 1, on. Returns the previous
+// value, or -1 (unchanged).
+int set_bulk_rings(int on);
 
 }  // namespace cuda
 }  // namespace fastavg

@@ -50,12 +50,16 @@ def build(out_dir: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(library))
     lib.emulate_balanced_blocks.restype = ctypes.c_int64
     lib.emulate_balanced_blocks.argtypes = [ctypes.c_int64, ctypes.c_int64]
+    lib.emulate_bulk_error.restype = ctypes.c_char_p
     return lib
 
 
-def _launched(supported: int) -> None:
+def _launched(supported: int, lib: ctypes.CDLL | None = None) -> None:
     # The launchers refuse a (parameter, average) pair the build lacks (averages must hold the
-    # parameters exactly); the binding turns that into a RuntimeError.
+    # parameters exactly); the binding turns that into a RuntimeError. -1: the model of the TMA's
+    # copies caught bulk_ring_kernel misusing them (a hang, a stage read early or reused too soon).
+    if supported == -1:
+        raise AssertionError(f"bulk_ring_kernel: {lib.emulate_bulk_error().decode()}")
     if not supported:
         raise RuntimeError("unsupported (parameter, average) dtype pair")
 
@@ -69,11 +73,12 @@ def _aligned(address: int) -> bool:
 
 
 def backend(
-    lib: ctypes.CDLL, most_blocks: int, threads: int = DEFAULT_THREADS, unroll: int = DEFAULT_UNROLL
+    lib: ctypes.CDLL, most_blocks: int, threads: int = DEFAULT_THREADS, unroll: int = DEFAULT_UNROLL, bulk: bool = False
 ) -> Backend:
     """The emulated kernels as a backend; ``most_blocks`` stands for the blocks a GPU holds at once,
     ``threads`` for the threads per block of update and swap launches (set_block_threads), ``unroll``
-    for their vectors per thread per pass (set_unroll: 1, 2 or 4)."""
+    for their vectors per thread per pass (set_unroll: 1, 2 or 4), ``bulk`` for ring-only updates
+    through the TMA's copies (set_bulk_rings, on a GPU that has them)."""
 
     def blocks(items: int) -> ctypes.c_uint:
         return ctypes.c_uint(lib.emulate_balanced_blocks(items, most_blocks))
@@ -88,9 +93,9 @@ def backend(
             launched = lib.emulate_update(
                 ctypes.c_void_p(table.data_ptr()), ctypes.c_int64(table.shape[0]), _pointers(avg),
                 (ctypes.c_double * MAX_AVERAGES)(*wts), len(avg), _pointers(rng), len(rng), int(vectors_ok),
-                CODES[params[0].dtype], average_code, blocks(table.shape[0]), threads, unroll,
+                CODES[params[0].dtype], average_code, blocks(table.shape[0]), threads, unroll, int(bulk),
             )  # fmt: skip
-            _launched(launched)
+            _launched(launched, lib)
 
     def swap(params, table, backup, source, stride, count, average_dtype, mode, source_aligned):
         if not params:

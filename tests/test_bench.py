@@ -19,7 +19,7 @@ class FakeTuningHooks:
     unroll, not at the build's defaults, so a row's restore is seen to undo its own setting."""
 
     def __init__(self):
-        self.state, self.log = [256, 1, 0], []
+        self.state, self.log, self.bulk = [256, 1, 0], [], 0
 
     def set_block_threads(self, threads):
         if threads % 32 or not 32 <= threads <= 256:
@@ -40,6 +40,13 @@ class FakeTuningHooks:
             return -1
         self.log.append(("block_per_row", on))
         previous, self.state[2] = self.state[2], on
+        return previous
+
+    def set_bulk_rings(self, on):
+        if on not in (0, 1):
+            return -1
+        self.log.append(("bulk_rings", on))
+        previous, self.bulk = self.bulk, on
         return previous
 
 
@@ -321,6 +328,35 @@ def test_triton_host_cost_runs_the_jit_path_without_a_gpu():
 
 
 @pytest.mark.skipif(fastavg.available_backends("cpu")["native"] is not None, reason="needs the native backend")
+def test_kernel_sweep_times_lawa_through_the_tma_and_checks_every_lawa_row():
+    """The sweep's LAWA rows through the TMA's bulk copies: at the build's threads and unroll with
+    set_bulk_rings on, over the default table and the longer ones asked for, only where there are
+    hooks. Every LAWA row of fastavg's kernels is checked once against a poisoned slot before timing:
+    a variant no GPU test has run would otherwise print a time for wrong output."""
+    from fastavg.table import CHUNK, build_table
+
+    sweep, tuning = _bench_script(), FakeTuningHooks()
+    params = [torch.randn(n).bfloat16() for n in (4099, 8, 1)]
+    n = sum(p.numel() for p in params)
+    ring = torch.full((3, n), float("nan"), dtype=torch.bfloat16)
+    buffers = (params, build_table(params), [torch.zeros(n)], ring, torch.empty(n, dtype=torch.bfloat16))
+    available = {"triton": "not here", "native": None}
+    runs = sweep.lawa_question_rows(params, buffers, [], available, tuning, [CHUNK, 1 << 17])
+    bulk = {kernel: row for (_, kernel), row in runs.items() if "TMA" in kernel}
+    assert {k: v[1] for k, v in bulk.items()} == {
+        "native, TMA bulk copies, rows of 2^15": (256, 1, False, True),
+        "native, TMA bulk copies, rows of 2^17": (256, 1, False, True),
+    }
+    for fn, settings in bulk.values():
+        with native_launch.launch_settings(tuning, *settings):
+            assert tuning.bulk == 1
+            assert sweep.writes_the_slot(fn, buffers)
+        assert tuning.bulk == 0
+    assert not sweep.writes_the_slot(lambda: None, buffers)  # a row that writes nothing is caught
+    assert not any("TMA" in k for _, k in sweep.lawa_question_rows(params, buffers, [], available, None))
+
+
+@pytest.mark.skipif(fastavg.available_backends("cpu")["native"] is not None, reason="needs the native backend")
 def test_kernel_sweep_times_lawa_with_a_block_per_row():
     """The sweep's LAWA rows with one block per row: native's through the CUDA build's hooks (a
     stand-in here), each at the build's threads and unroll, only where there are hooks; Triton's by
@@ -336,8 +372,8 @@ def test_kernel_sweep_times_lawa_with_a_block_per_row():
     runs = sweep.lawa_question_rows(params, buffers, [8, 1 << 15], available, tuning)
     per_row = {kernel: row for (update, kernel), row in runs.items() if "block per row" in kernel}
     assert {k: v[1] for k, v in per_row.items()} == {
-        "native, a block per row, rows of 2^3": (256, 1, True),  # the stand-in's current settings
-        "native, a block per row, rows of 2^15": (256, 1, True),
+        "native, a block per row, rows of 2^3": (256, 1, True, False),  # the stand-in's current settings
+        "native, a block per row, rows of 2^15": (256, 1, True, False),
     }
     for fn, settings in per_row.values():
         ring.fill_(float("nan"))
@@ -401,10 +437,10 @@ def test_kernel_sweep_native_rows_set_and_restore_their_tuning():
     tuning = FakeTuningHooks()
     lawa = sweep.native_rows("lawa", print, tuning, [256, 128], [1, 2])
     assert {k: v[1] for k, v in lawa.items()} == {
-        "native T=256": (256, 1, False),
-        "native T=256 x2": (256, 2, False),
-        "native T=128": (128, 1, False),
-        "native T=128 x2": (128, 2, False),
+        "native T=256": (256, 1, False, False),
+        "native T=256 x2": (256, 2, False, False),
+        "native T=128": (128, 1, False, False),
+        "native T=128 x2": (128, 2, False, False),
     }  # the persistent grid: the default table's rows over one block each are the question rows' job
     assert list(sweep.native_rows("ema", print, tuning, [128], [1, 2])) == ["native T=128"]
     assert sweep.native_rows("ema", print, None, [128], [1, 2]) == {"native": (print, None)}
@@ -434,14 +470,32 @@ def test_launch_settings_with_a_block_per_row_undo_every_setting_they_made():
 
 @pytest.mark.parametrize(
     "text, setting",
-    [("128", (128, 1, False)), ("256x2", (256, 2, False)), ("32x1", (32, 1, False)), ("128x2/row", (128, 2, True)),
-     ("64/row", (64, 1, True))],
+    [("128", (128, 1, False, False)), ("256x2", (256, 2, False, False)), ("32x1", (32, 1, False, False)),
+     ("128x2/row", (128, 2, True, False)), ("64/row", (64, 1, True, False))],
 )  # fmt: skip
 def test_native_launch_settings_parse(text, setting):
     assert native_launch.parse_setting(text) == setting
 
 
-@pytest.mark.parametrize("text", ["", "x2", "128x", "128*2", "-128", "128 x2", "twelve", "/row", "128/rows", "128x2/"])
+def test_native_launch_settings_with_the_tma_change_lawa_alone_only():
+    assert native_launch.parse_setting("128/bulk") == (128, 1, False, True)
+    assert native_launch.parse_setting("128x2/row/bulk") == (128, 2, True, True)
+    assert native_launch.label(*native_launch.parse_setting("128x2/bulk")) == "T=128 x2 bulk"
+    bulk = native_launch.Setting(128, 2, bulk=True)
+    # LAWA alone's bulk kernel has no unroll; swap keeps its unroll and has no bulk kernel.
+    assert native_launch.effective("lawa", bulk) == (128, 1, False, True)
+    assert native_launch.effective("swap", bulk) == (128, 2, False, False)
+    assert native_launch.effective("ema", bulk) == (128, 1, False, False)
+    hooks = FakeTuningHooks()
+    with native_launch.launch_settings(hooks, *bulk):
+        assert native_launch.current_settings(hooks) == (128, 2, False, True)
+    assert native_launch.current_settings(hooks) == (256, 1, False, False) and hooks.bulk == 0
+    with pytest.raises(ValueError, match="0 or 1"):
+        native_launch.set_bulk_rings(SimpleNamespace(set_bulk_rings=lambda on: -1), True)  # a refusing build
+
+
+@pytest.mark.parametrize("text", ["", "x2", "128x", "128*2", "-128", "128 x2", "twelve", "/row", "128/rows", "128x2/",
+                                  "128/bulk/row", "/bulk", "128/tma"])  # fmt: skip
 def test_malformed_native_launch_settings_are_refused(text):
     with pytest.raises(ValueError, match=r"THREADS\[xUNROLL\]\[/row\]"):
         native_launch.parse_setting(text)
@@ -449,7 +503,7 @@ def test_malformed_native_launch_settings_are_refused(text):
 
 def test_native_launch_settings_read_before_the_grid_was_one_are_on_the_persistent_grid():
     # Runs 6 and 7 recorded [threads, unroll]; the labels name the grid only where it is one block per row.
-    assert native_launch.Setting(*[128, 2]) == (128, 2, False)
+    assert native_launch.Setting(*[128, 2]) == (128, 2, False, False)
     assert native_launch.label(*native_launch.Setting(128, 2)) == "T=128 x2"
     assert (
         native_launch.label(128, 2, True) == "T=128 x2 per row" and native_launch.label(256, 1, True) == "T=256 per row"
@@ -459,16 +513,24 @@ def test_native_launch_settings_read_before_the_grid_was_one_are_on_the_persiste
 def test_native_launches_per_update_skip_the_default_and_repeats():
     settings = [(128, 1), (256, 2), (128, 2), (256, 1)]  # as recorded before the grid was a setting
     # The unroll changes LAWA alone and swap only: for EMA, 256x2 is the default and 128x2 is 128.
-    assert cli.launches_for("ema", settings, (256, 1)) == [(128, 1, False)]
-    assert cli.launches_for("all", settings, (256, 1)) == [(128, 1, False)]
+    assert cli.launches_for("ema", settings, (256, 1)) == [(128, 1, False, False)]
+    assert cli.launches_for("all", settings, (256, 1)) == [(128, 1, False, False)]
     for update in ("lawa", "swap"):
-        assert cli.launches_for(update, settings, (256, 1)) == [(128, 1, False), (256, 2, False), (128, 2, False)]
+        assert cli.launches_for(update, settings, (256, 1)) == [
+            (128, 1, False, False),
+            (256, 2, False, False),
+            (128, 2, False, False),
+        ]
     # A default that unrolls: EMA's kernels run it as T=128, so only 256 is new there.
-    assert cli.launches_for("ema", settings, (128, 2)) == [(256, 1, False)]
-    assert cli.launches_for("lawa", settings, (128, 2, False)) == [(128, 1, False), (256, 2, False), (256, 1, False)]
+    assert cli.launches_for("ema", settings, (128, 2)) == [(256, 1, False, False)]
+    assert cli.launches_for("lawa", settings, (128, 2, False)) == [
+        (128, 1, False, False),
+        (256, 2, False, False),
+        (256, 1, False, False),
+    ]
     # One block per row changes every update's launches; its unroll, again only LAWA's and swap's.
-    per_row = [(128, 2, True), (128, 4, True), (128, 4, False)]
-    assert cli.launches_for("ema", per_row, (128, 2, False)) == [(128, 1, True)]
+    per_row = [(128, 2, True, False), (128, 4, True, False), (128, 4, False, False)]
+    assert cli.launches_for("ema", per_row, (128, 2, False)) == [(128, 1, True, False)]
     assert cli.launches_for("lawa", per_row, (128, 2, False)) == per_row
     assert cli.launches_for("swap", per_row, (128, 2, True)) == per_row[1:]
 
@@ -481,7 +543,7 @@ def test_native_launch_needs_the_cuda_build(monkeypatch):
     monkeypatch.setattr(native_launch, "tuning_hooks", lambda: hooks)
     cuda = torch.device("cuda")
     assert cli.resolve_native_launches(["128", "256x2", "128x2/row"], cuda, ["native"]) == [
-        (128, 1, False), (256, 2, False), (128, 2, True)
+        (128, 1, False, False), (256, 2, False, False), (128, 2, True, False)
     ]  # fmt: skip
     for bad, message in (("100/row", "multiple of 32"), ("128x3", "1, 2 or 4"), ("x", "THREADS")):
         with pytest.raises(SystemExit, match=message):
@@ -500,7 +562,7 @@ def test_native_rows_at_other_launch_settings_set_them_around_each_call(monkeypa
     params = [torch.nn.Parameter(torch.randn(s).bfloat16()) for s in [(7, 3), (5,)]]
     case = cases.fastavg_case("lawa", params, "native", launch=native_launch.Setting(128, 2))
     assert case.impl == "fastavg-native T=128 x2" and hooks.log == []
-    assert native_launch.current_settings(hooks) == (256, 1, False) and hooks.state == [256, 1, 0]
+    assert native_launch.current_settings(hooks) == (256, 1, False, False) and hooks.state == [256, 1, 0]
     hooks.log.clear()
     case.step()
     assert hooks.log == [("threads", 128), ("unroll", 2), ("unroll", 1), ("threads", 256)]
@@ -526,21 +588,27 @@ def test_benchmark_adds_a_row_per_native_launch_setting_that_changes_the_update(
     hooks = FakeTuningHooks()
     monkeypatch.setattr(native_launch, "tuning_hooks", lambda: hooks)
     # The CPU has no such settings: as if resolved on a CUDA device.
-    launches = [native_launch.Setting(128, 2), native_launch.Setting(256, 1, True)]
+    launches = [
+        native_launch.Setting(128, 2),
+        native_launch.Setting(256, 1, True),
+        native_launch.Setting(128, 2, bulk=True),
+    ]
     monkeypatch.setattr(cli, "resolve_native_launches", lambda texts, device, backends: launches)
     path = tmp_path / "b.json"
     cli.main(["--quick", "--backends", "native", "--update", "ema", "lawa", "--dtype", "bf16", "--json", str(path)])
     header, *records = json.loads(path.read_text())
-    assert header["native_default"] == [256, 1, False]
-    assert header["native_launches"] == [[128, 2, False], [256, 1, True]]
+    assert header["native_default"] == [256, 1, False, False]
+    assert header["native_launches"] == [[128, 2, False, False], [256, 1, True, False], [128, 2, False, True]]
     printed = capsys.readouterr().out.split("native % of copy by launch setting")[1].splitlines()
-    names = ["T=256 (default)", "T=128 x2", "T=256 per row"]  # a line per setting, the default first
-    assert len(printed) == 4 and all(line.strip().startswith(name + " ") for line, name in zip(printed[1:], names))
+    names = ["T=256 (default)", "T=128 x2", "T=256 per row", "T=128 x2 bulk"]  # a line per setting, the default first
+    assert len(printed) == 5 and all(line.strip().startswith(name + " ") for line, name in zip(printed[1:], names))
     native = [(r["update"], r["impl"]) for r in records if r["impl"].startswith("fastavg")]
-    assert native == [("ema", "fastavg-native"), ("ema", "fastavg-native T=128"), ("ema", "fastavg-native T=256 per row"),
-                      ("lawa", "fastavg-native"), ("lawa", "fastavg-native T=128 x2"),
-                      ("lawa", "fastavg-native T=256 per row")]  # fmt: skip
-    assert hooks.state == [256, 1, 0]
+    # The bulk copies change LAWA alone only, and have no unroll: "T=128 bulk"; for EMA it is T=128.
+    assert native == [("ema", "fastavg-native"), ("ema", "fastavg-native T=128"),
+                      ("ema", "fastavg-native T=256 per row"), ("lawa", "fastavg-native"),
+                      ("lawa", "fastavg-native T=128 x2"), ("lawa", "fastavg-native T=256 per row"),
+                      ("lawa", "fastavg-native T=128 bulk")]  # fmt: skip
+    assert hooks.state == [256, 1, 0] and hooks.bulk == 0
 
 
 def test_native_percentages_by_setting_fill_in_the_rows_a_setting_does_not_change():
@@ -603,6 +671,7 @@ def test_gpu_check_script_parses_and_summarises_a_run(tmp_path):
     (tmp_path / "bench_gpt2.json").write_text(json.dumps([header, *records, *faster, *per_row]))
     (tmp_path / "env_and_install.txt").write_text(
         "install + native build: 31 s\nstage install: 40 s\nstage 1 of the build\nstage bench: 71 s\n"
+        "bulk probe: ok, 170113 elements into 1 and 2 rings by the TMA's bulk copies in 0.41 s\n"
     )
     result = subprocess.run([sys.executable, "-c", summary_code, str(tmp_path), "0", "0"], capture_output=True,
                             text=True, cwd=root)  # fmt: skip
@@ -615,6 +684,9 @@ def test_gpu_check_script_parses_and_summarises_a_run(tmp_path):
     assert by_launch["T=256 (default)"]["lawa bfloat16"] == 88.9 and by_launch["T=128"]["lawa bfloat16"] == 89.9
     assert by_launch["T=256 per row"]["lawa bfloat16"] == 90.9
     assert summary["stage_s"] == {"install": 40, "bench": 71} and summary["build"] == ["install + native build: 31 s"]
+    assert summary["bulk_probe"] == [
+        "bulk probe: ok, 170113 elements into 1 and 2 rings by the TMA's bulk copies in 0.41 s"
+    ]
     # Host times: the rows that have them (run 5's records predate them).
     assert summary["fastavg_host_ms"]["fastavg-native T=128 lawa bfloat16"] == 0.071
     assert "fastavg-native lawa bfloat16" not in summary["fastavg_host_ms"]
@@ -623,6 +695,15 @@ def test_gpu_check_script_parses_and_summarises_a_run(tmp_path):
     subprocess.run([sys.executable, "-c", summary_code, str(tmp_path), "0", "0"], capture_output=True, cwd=root)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert "no bench results" in summary["bench"] and "native_pct_of_copy_by_launch" not in summary
+
+
+def test_bulk_probe_has_nothing_to_probe_without_a_gpu(capsys):
+    """bench/bulk_probe.py (run by gpu_check.sh before anything uses the TMA's copies): exit 2 and a
+    line saying so where there is no GPU or no native CUDA build; gpu_check.sh then leaves them out."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU: the probe runs for real (gpu_check.sh)")
+    assert _bench_script("bulk_probe").main() == 2
+    assert capsys.readouterr().out.startswith("bulk probe: nothing to probe")
 
 
 def test_native_error_probe_reports_a_crash_and_what_each_error_path_raised():

@@ -33,23 +33,25 @@ def emulator(tmp_path_factory):
 
 
 @pytest.fixture(
-    params=[(2, 128, 2), (1, 256, 1), (3, 128, 1), (2, 96, 4), (1 << 30, 128, 2)],
+    params=[(2, 128, 2, False), (1, 256, 1, False), (3, 128, 1, False), (2, 96, 4, False), (1 << 30, 128, 2, False),
+            (2, 128, 2, True)],
     ids=[
         "default-128-threads-unroll-2",
         "1-block-256-threads",
         "3-blocks-128-threads",
         "2-blocks-96-threads-unroll-4",
         "a-block-per-row",
+        "bulk-copies",
     ],
-)
+)  # fmt: skip
 def target(request, emulator):
     """The emulated kernels with a GPU that holds 1 to 3 blocks at once (blocks walk many rows), at
     the CUDA build's default (128 threads per block, two vectors per thread per pass for ring-only
     updates and swaps) and the sweep's other settings (set_block_threads, set_unroll; at 96 threads
     a row's last pass is partial; set_block_per_row: a grid of as many blocks as rows, each walking
-    one)."""
-    most_blocks, threads, unroll = request.param
-    return emulated_backend(emulator, most_blocks=most_blocks, threads=threads, unroll=unroll), "cpu"
+    one; set_bulk_rings: LAWA alone through the TMA's copies, in emulate.cpp's model of them)."""
+    most_blocks, threads, unroll, bulk = request.param
+    return emulated_backend(emulator, most_blocks=most_blocks, threads=threads, unroll=unroll, bulk=bulk), "cpu"
 
 
 @pytest.mark.parametrize("items, most", [(1995, 1056), (1995, 792), (1, 3), (0, 3), (7, 1), (1057, 1056)])

@@ -35,10 +35,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         nargs="+",
         default=[],
         metavar="SETTING",
-        help="also time the native CUDA kernels at these launch settings, THREADS[xUNROLL][/row] "
+        help="also time the native CUDA kernels at these launch settings, THREADS[xUNROLL][/row][/bulk] "
         "(threads per block; vectors per thread per pass, 1, 2 or 4 times one, for LAWA alone and "
-        "swap; /row: one block per table row, not the persistent grid): e.g. 256 128x4 128x2/row. "
-        "Rows 'fastavg-native T=128', 'fastavg-native T=128 x2 per row', ...",
+        "swap; /row: one block per table row, not the persistent grid; /bulk: LAWA alone through the "
+        "TMA's bulk copies, sm_90 and later): e.g. 256 128x4 128x2/row 128x2/bulk. "
+        "Rows 'fastavg-native T=128', 'fastavg-native T=128 x2 per row', 'fastavg-native T=128 bulk', ...",
     )
     parser.add_argument(
         "--repeats", type=int, default=None, help="timed samples (default 30 on GPU, 5 calls each; 10 on CPU)"
@@ -87,8 +88,8 @@ def resolve_backends(requested, device: torch.device) -> list[str]:
 
 
 def resolve_native_launches(texts: list[str], device: torch.device, backends: list[str]) -> list[native_launch.Setting]:
-    """``--native-launch``: (threads, unroll, per row) settings the CUDA build accepts; a clear error
-    otherwise, before anything is timed."""
+    """``--native-launch``: (threads, unroll, per row, bulk) settings the CUDA build accepts; a clear
+    error otherwise, before anything is timed."""
     if not texts:
         return []
     hooks = native_launch.tuning_hooks()

@@ -1,6 +1,6 @@
 """The native CUDA kernels' launch settings, for the benchmarks: threads per block, the unroll
-(vectors per thread per pass of ring-only updates and swaps, as a multiple of one), and the grid
-(persistent, or one block per table row).
+(vectors per thread per pass of ring-only updates and swaps, as a multiple of one), the grid
+(persistent, or one block per table row), and LAWA alone through the TMA's bulk copies (sm_90+).
 
 They are process-wide tuning hooks of the CUDA build (``torch.ops.fastavg_native_tuning``): the
 benchmarks set them around a call, so native rows at other settings are timed in the same run as
@@ -18,21 +18,25 @@ import torch
 # The updates whose native kernels set_unroll changes: ring-only updates (LAWA alone) and the vector
 # swaps. Every other kernel has one instance and ignores it.
 UNROLLED = ("lawa", "swap")
+# The update set_bulk_rings changes: ring-only updates, whose bulk kernel has no unroll.
+BULK = ("lawa",)
 
 
 class Setting(NamedTuple):
-    """One launch setting: threads per block, the unroll, and whether the grid is one block per table
-    row (else the persistent grid); a tuple of the three. A ``[threads, unroll]`` recorded before the
-    grid was a setting (runs 6 and 7) reads as ``Setting(*it)``: the persistent grid."""
+    """One launch setting: threads per block, the unroll, whether the grid is one block per table row
+    (else the persistent grid), and whether LAWA alone goes through the TMA's bulk copies. A
+    ``[threads, unroll]`` recorded before the grid was a setting (runs 6 and 7) reads as
+    ``Setting(*it)``: the persistent grid, no bulk copies; so does a ``[threads, unroll, per_row]``."""
 
     threads: int
     unroll: int = 1
     per_row: bool = False
+    bulk: bool = False
 
 
 def tuning_hooks():
-    """The native CUDA build's hooks (set_block_threads, set_unroll, set_block_per_row), or None where
-    the build has none: no CUDA kernels, or no native extension at all."""
+    """The native CUDA build's hooks (set_block_threads, set_unroll, set_block_per_row,
+    set_bulk_rings), or None where the build has none: no CUDA kernels, or no native extension at all."""
     from .. import native_backend  # noqa: F401  (loading fastavg._C registers the hooks)
 
     hooks = torch.ops.fastavg_native_tuning
@@ -66,47 +70,64 @@ def set_block_per_row(hooks, on: bool) -> bool:
     return bool(_set(hooks.set_block_per_row, int(on), "block_per_row must be 0 or 1"))
 
 
+def set_bulk_rings(hooks, on: bool) -> bool:
+    """Later native ring-only updates (LAWA alone) through the TMA's bulk copies (True; on GPUs of
+    compute capability 9 and later, elsewhere as before) or the vector kernel (False, the default);
+    the previous value."""
+    return bool(_set(hooks.set_bulk_rings, int(on), "bulk_rings must be 0 or 1"))
+
+
 @contextlib.contextmanager
-def launch_settings(hooks, threads: int, unroll: int, block_per_row: bool = False):
+def launch_settings(hooks, threads: int, unroll: int, block_per_row: bool = False, bulk: bool = False):
     """Native launches at ``threads`` per block and ``unroll`` times one vector per thread per pass,
-    with one block per table row if ``block_per_row``, inside the block; then the settings before."""
+    with one block per table row if ``block_per_row`` and LAWA alone through the TMA's copies if
+    ``bulk``, inside the block; then the settings before."""
     with contextlib.ExitStack() as undo:  # each setting made is undone, also when a later one is refused
         undo.callback(set_block_threads, hooks, set_block_threads(hooks, threads))
         undo.callback(set_unroll, hooks, set_unroll(hooks, unroll))
         if block_per_row:
             undo.callback(set_block_per_row, hooks, set_block_per_row(hooks, True))
+        if bulk:
+            undo.callback(set_bulk_rings, hooks, set_bulk_rings(hooks, True))
         yield
 
 
 def current_settings(hooks) -> Setting:
     """The setting launches use now (each hook read by setting a value and putting the old one back)."""
     threads, unroll = set_block_threads(hooks, 128), set_unroll(hooks, 1)
-    per_row = set_block_per_row(hooks, False)
+    per_row, bulk = set_block_per_row(hooks, False), set_bulk_rings(hooks, False)
     set_block_threads(hooks, threads)
     set_unroll(hooks, unroll)
     set_block_per_row(hooks, per_row)
-    return Setting(threads, unroll, per_row)
+    set_bulk_rings(hooks, bulk)
+    return Setting(threads, unroll, per_row, bulk)
 
 
 def parse_setting(text: str) -> Setting:
     """``"128"`` -> (128, 1); ``"128x2"`` -> (128, 2); ``"128x2/row"`` -> (128, 2) with one block per
-    table row. The hooks check the values themselves."""
-    match = re.fullmatch(r"(\d+)(?:x(\d+))?(/row)?", text)
+    table row; ``"128/bulk"``: LAWA alone through the TMA's copies. The hooks check the values themselves."""
+    match = re.fullmatch(r"(\d+)(?:x(\d+))?(/row)?(/bulk)?", text)
     if match is None:
-        raise ValueError(f"{text!r} is not THREADS[xUNROLL][/row] (e.g. 128, 256x2 or 128x2/row)")
-    return Setting(int(match[1]), int(match[2] or 1), match[3] is not None)
+        raise ValueError(f"{text!r} is not THREADS[xUNROLL][/row][/bulk] (e.g. 128, 256x2, 128x2/row or 128/bulk)")
+    return Setting(int(match[1]), int(match[2] or 1), match[3] is not None, match[4] is not None)
 
 
-def label(threads: int, unroll: int, per_row: bool = False) -> str:
-    """A row's name for a setting: ``T=128``, ``T=256 x2``, ``T=128 x2 per row``."""
-    return f"T={threads}" + (f" x{unroll}" if unroll > 1 else "") + (" per row" if per_row else "")
+def label(threads: int, unroll: int, per_row: bool = False, bulk: bool = False) -> str:
+    """A row's name for a setting: ``T=128``, ``T=256 x2``, ``T=128 x2 per row``, ``T=128 bulk``."""
+    return (
+        f"T={threads}"
+        + (f" x{unroll}" if unroll > 1 else "")
+        + (" per row" if per_row else "")
+        + (" bulk" if bulk else "")
+    )
 
 
 def effective(update: str, setting) -> Setting:
-    """The setting as ``update``'s kernels see it: the unroll changes only LAWA alone and swap; the grid,
-    every update and swap."""
-    threads, unroll, per_row = Setting(*setting)
-    return Setting(threads, unroll if update in UNROLLED else 1, per_row)
+    """The setting as ``update``'s kernels see it: the unroll changes only LAWA alone and swap, and
+    not LAWA alone through the bulk copies, which change only LAWA alone; the grid, every update and swap."""
+    threads, unroll, per_row, bulk = Setting(*setting)
+    bulk = bulk and update in BULK
+    return Setting(threads, unroll if update in UNROLLED and not bulk else 1, per_row, bulk)
 
 
 def distinct(update: str, settings) -> list[Setting]:
