@@ -327,20 +327,28 @@ def test_triton_host_cost_runs_the_jit_path_without_a_gpu():
     assert all(float(us) > 0 for _, us, _ in rows)
 
 
+def _lawa_sweep_buffers():
+    """(params, buffers, available) for the sweep's LAWA question rows over small bf16 weights on the
+    CPU: the ring poisoned, native available (its CPU op ignores the hooks), Triton not."""
+    from fastavg.table import build_table
+
+    params = [torch.randn(n).bfloat16() for n in (4099, 8, 1)]
+    n = sum(p.numel() for p in params)
+    ring = torch.full((3, n), float("nan"), dtype=torch.bfloat16)
+    buffers = (params, build_table(params), [torch.zeros(n)], ring, torch.empty(n, dtype=torch.bfloat16))
+    return params, buffers, {"triton": "not here", "native": None}
+
+
 @pytest.mark.skipif(fastavg.available_backends("cpu")["native"] is not None, reason="needs the native backend")
 def test_kernel_sweep_times_lawa_through_the_tma_and_checks_every_lawa_row():
     """The sweep's LAWA rows through the TMA's bulk copies: at the build's threads and unroll with
     set_bulk_rings on, over the default table and the longer ones asked for, only where there are
     hooks. Every LAWA row of fastavg's kernels is checked once against a poisoned slot before timing:
     a variant no GPU test has run would otherwise print a time for wrong output."""
-    from fastavg.table import CHUNK, build_table
+    from fastavg.table import CHUNK
 
     sweep, tuning = _bench_script(), FakeTuningHooks()
-    params = [torch.randn(n).bfloat16() for n in (4099, 8, 1)]
-    n = sum(p.numel() for p in params)
-    ring = torch.full((3, n), float("nan"), dtype=torch.bfloat16)
-    buffers = (params, build_table(params), [torch.zeros(n)], ring, torch.empty(n, dtype=torch.bfloat16))
-    available = {"triton": "not here", "native": None}
+    params, buffers, available = _lawa_sweep_buffers()
     runs = sweep.lawa_question_rows(params, buffers, [], available, tuning, [CHUNK, 1 << 17])
     bulk = {kernel: row for (_, kernel), row in runs.items() if "TMA" in kernel}
     assert {k: v[1] for k, v in bulk.items()} == {
@@ -361,14 +369,9 @@ def test_kernel_sweep_times_lawa_with_a_block_per_row():
     """The sweep's LAWA rows with one block per row: native's through the CUDA build's hooks (a
     stand-in here), each at the build's threads and unroll, only where there are hooks; Triton's by
     its own grid. Each runs over its own table and writes the whole ring slot."""
-    from fastavg.table import build_table
-
     sweep, tuning = _bench_script(), FakeTuningHooks()
-    params = [torch.randn(n).bfloat16() for n in (4099, 8, 1)]
-    n = sum(p.numel() for p in params)
-    ring = torch.full((3, n), float("nan"), dtype=torch.bfloat16)
-    buffers = (params, build_table(params), [torch.zeros(n)], ring, torch.empty(n, dtype=torch.bfloat16))
-    available = {"triton": "not here", "native": None}
+    params, buffers, available = _lawa_sweep_buffers()
+    ring = buffers[3]
     runs = sweep.lawa_question_rows(params, buffers, [8, 1 << 15], available, tuning)
     per_row = {kernel: row for (update, kernel), row in runs.items() if "block per row" in kernel}
     assert {k: v[1] for k, v in per_row.items()} == {
