@@ -69,12 +69,12 @@ echo "== cuda tests" && timeout 150 "$PY" -m pytest -q -p no:cacheprovider -m cu
 tests_rc=${PIPESTATUS[0]}
 stage_done cuda-tests
 # Native also at other launch settings (rows "fastavg-native T=128 x4", "... T=128 x2 per row",
-# "... T=128 bulk"), so the default can change with the benchmark's numbers for it measured in this
-# run: four vectors per pass, one block per table row instead of the persistent grid, and LAWA alone
-# through the TMA's bulk copies (LAWA alone, at 89.8% of copy, is the row in question: NOTES.md);
-# only where the build has the hooks, or the option would stop the whole benchmark. Runs 6 and 7
-# timed 256 and 128 threads: 128x2 became the default.
-bulk_launch=$([ -z "${FASTAVG_SKIP_BULK:-}" ] && echo " 128x2/bulk")
+# "... T=128 bulk 8K"), so the default can change with the benchmark's numbers for it measured in
+# this run: four vectors per pass, one block per table row instead of the persistent grid, and LAWA
+# alone through the TMA's bulk copies in 8 and 32 KB stages (LAWA alone, at 89.8% of copy, is the
+# row in question: NOTES.md); only where the build has the hooks, or the option would stop the
+# whole benchmark. Runs 6 and 7 timed 256 and 128 threads: 128x2 became the default.
+bulk_launch=$([ -z "${FASTAVG_SKIP_BULK:-}" ] && echo " 128x2/bulk 128x2/bulk32")
 launches=$("$PY" -c "import torch; from fastavg.bench.native_launch import tuning_hooks
 print('--native-launch ${NATIVE_LAUNCHES:-128x4 128x2/row 128x4/row$bulk_launch}' if torch.cuda.is_available() and tuning_hooks() else '')" 2>/dev/null)
 if ! skip bench; then

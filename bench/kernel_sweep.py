@@ -121,7 +121,7 @@ def table_rows(name, params, buffers, chunks, available) -> dict:
     return runs
 
 
-def lawa_question_rows(params, buffers, per_row_chunks, available, tuning, bulk_chunks=(CHUNK,)) -> dict:
+def lawa_question_rows(params, buffers, per_row_chunks, available, tuning, bulk_chunks=(CHUNK,), bulk_kbs=(8,)) -> dict:
     """LAWA alone at 89-91% of copy (H200 runs 5-7), rows that ask why: native and Triton with one
     block (program) per row, over tables of several row lengths; native through the TMA's bulk
     copies; torch's own copy of the same bytes, and torch's gather of them from the same tensors
@@ -139,14 +139,14 @@ def lawa_question_rows(params, buffers, per_row_chunks, available, tuning, bulk_
         if available["native"] is None and native_per_row is not None:
             runs[("lawa", f"native, a block per row, {rows_of(chunk)}")] = (native_run("lawa", fine), native_per_row)
     # The TMA (sm_90; cuda_kernels.cuh's bulk_ring_kernel): one thread per block moves each row in
-    # 8 KB stages, global -> shared -> global, three loads in flight, where the vector kernel's
-    # threads each hold 16-byte loads. On the persistent grid, and over longer rows (fewer table
-    # reads and stage restarts); a build whose GPU lacks the TMA runs the vector kernel instead.
+    # stages of 8 or 32 KB, global -> shared -> global, three loads in flight, where the vector
+    # kernel's threads each hold 16-byte loads. On the persistent grid, and over longer rows (fewer
+    # table reads and stage restarts); a build whose GPU lacks the TMA runs the vector kernel instead.
     if available["native"] is None and tuning is not None:
-        bulk = current_settings(tuning)._replace(bulk=True)
-        for chunk in bulk_chunks:
+        for chunk, kb in itertools.product(bulk_chunks, bulk_kbs):
             fine = (params, buffers[1] if chunk == CHUNK else build_table(params, chunk), *buffers[2:])
-            runs[("lawa", f"native, TMA bulk copies, {rows_of(chunk)}")] = (native_run("lawa", fine), bulk)
+            bulk = current_settings(tuning)._replace(bulk=kb)
+            runs[("lawa", f"native, TMA {kb} KB stages, {rows_of(chunk)}")] = (native_run("lawa", fine), bulk)
     # LAWA alone is a copy: the parameters into a ring slot, read once and written once, as the copy
     # baseline. torch's copy of the same bytes as one contiguous tensor (cudaMemcpyAsync, the driver's
     # copy) says how near 100% a transfer of that size comes; torch.neg into another tensor is an
@@ -210,6 +210,9 @@ def main(argv=None) -> None:
         help="also time LAWA alone through the TMA's bulk copies over tables of these row lengths (native, a GPU); "
         "none: no such rows (gpu_check.sh, where its bulk probe failed)",
     )
+    parser.add_argument(
+        "--bulk-kb", type=int, nargs="+", default=[8, 32], help="the TMA rows' KB per shared-memory stage"
+    )
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test")
@@ -246,7 +249,11 @@ def main(argv=None) -> None:
             table_rows(name, params, buffers, args.lawa_chunks if name == "lawa" else args.table_chunks, available)
         )
         if name == "lawa":
-            runs.update(lawa_question_rows(params, buffers, args.per_row_chunks, available, tuning, args.bulk_chunks))
+            runs.update(
+                lawa_question_rows(
+                    params, buffers, args.per_row_chunks, available, tuning, args.bulk_chunks, args.bulk_kb
+                )
+            )
     # The same update through opt.step() as fastavg-bench times it (the Averager's own buffers, the
     # ring slot cycling over 5, a first step that copies): Triton's EMA+SWA+LAWA ran at 84% there
     # and 90% here (H200 runs 3-5) while its grid came from the first step's kernel (update.py).

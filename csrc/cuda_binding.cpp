@@ -162,8 +162,8 @@ int64_t set_block_per_row(int64_t on) {
   return on == static_cast<int>(on) ? cuda::set_block_per_row(static_cast<int>(on)) : -1;
 }
 
-int64_t set_bulk_rings(int64_t on) {
-  return on == static_cast<int>(on) ? cuda::set_bulk_rings(static_cast<int>(on)) : -1;
+int64_t set_bulk_rings(int64_t stage_kb) {
+  return stage_kb == static_cast<int>(stage_kb) ? cuda::set_bulk_rings(static_cast<int>(stage_kb)) : -1;
 }
 
 }  // namespace
@@ -176,7 +176,7 @@ TORCH_LIBRARY(fastavg_native_tuning, m) {
   m.def("set_block_threads(int threads) -> int", &set_block_threads);
   m.def("set_unroll(int factor) -> int", &set_unroll);
   m.def("set_block_per_row(int on) -> int", &set_block_per_row);
-  m.def("set_bulk_rings(int on) -> int", &set_bulk_rings);
+  m.def("set_bulk_rings(int stage_kb) -> int", &set_bulk_rings);
 }
 
 TORCH_LIBRARY_IMPL(fastavg_native, CUDA, m) {

@@ -218,12 +218,14 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const __grid_constant_
 // Every update that writes as much as it reads runs at 90-92% of torch's copy_ on the H200, and
 // LAWA alone (a copy of the parameters into a ring slot) at 89.8%; the copy itself is the driver's.
 // bulk_ring_kernel copies with the TMA instead of 16-byte loads and stores: one thread per block
-// moves each aligned row part in stages of kBulkStageBytes, global -> shared -> global
+// moves each aligned row part in stages of `stage_bytes`, global -> shared -> global
 // (cp.async.bulk), kBulkStages - 1 loads in flight while the last stage is stored. The other
 // threads copy what the TMA cannot (misaligned rows, tails) element by element. Chosen only by
-// set_bulk_rings (ops_cuda.cu), for ring-only updates on sm_90 and later.
+// set_bulk_rings (ops_cuda.cu), which also sets the stage size, for ring-only updates on sm_90 and
+// later. The stages are dynamic shared memory: 8 KB stages take 32 KB a block (7 blocks per SM),
+// 32 KB stages 128 KB (one): fewer, longer copies in flight, for the sweep to compare.
 constexpr int kBulkStages = 4;
-constexpr int kBulkStageBytes = 8192;  // 4 stages: 32 KB of shared memory, 7 blocks per SM
+constexpr unsigned kMaxBulkStageBytes = 32768;
 
 // The async copies, one thread issuing them. On sm_90 and later, the TMA's PTX. Where
 // FASTAVG_BULK_MODEL is defined (tests/cuda_host/emulate.cpp), a host model that runs each copy
@@ -302,12 +304,13 @@ __device__ __forceinline__ void bulk_wait_all() {
 }
 #endif
 
-// A block's rows (every gridDim.x-th) as chunks of at most kBulkStageBytes of their aligned parts:
+// A block's rows (every gridDim.x-th) as chunks of at most `stage_bytes` of their aligned parts:
 // where each comes from (a parameter) and goes (a byte offset into each ring slot).
 template <typename P>
 struct BulkChunks {
   static constexpr int V = kAccessWidth<P, P>;
   const UpdateArgs& args;
+  unsigned stage_bytes;
   int64_t row;
   int64_t done;  // bytes of `row` already issued
 
@@ -317,7 +320,7 @@ struct BulkChunks {
       const int64_t aligned_bytes = row_vectors<V>(entry, args.vectors_ok) * V * int64_t(sizeof(P));
       if (done < aligned_bytes) {
         const int64_t left = aligned_bytes - done;
-        bytes = static_cast<unsigned>(left < kBulkStageBytes ? left : kBulkStageBytes);
+        bytes = static_cast<unsigned>(left < stage_bytes ? left : stage_bytes);
         source = reinterpret_cast<const char*>(entry[0]) + done;
         target = entry[1] * int64_t(sizeof(P)) + done;
         done += bytes;
@@ -332,10 +335,11 @@ struct BulkChunks {
 // phase), is stored to every ring, and after the next chunk's store is issued, its stage is refilled
 // with chunk c + kBulkStages once its own store has read it.
 template <typename P, int NR>
-__device__ __forceinline__ void bulk_copy_rows(const UpdateArgs& args, unsigned char (*stage)[kBulkStageBytes],
+__device__ __forceinline__ void bulk_copy_rows(const UpdateArgs& args, unsigned char* stages, unsigned stage_bytes,
                                                uint64_t* full) {
   for (int s = 0; s < kBulkStages; ++s) bulk_init(&full[s]);
-  BulkChunks<P> chunks{args, blockIdx.x, 0};
+  auto stage = [&](int s) { return stages + size_t(s) * stage_bytes; };
+  BulkChunks<P> chunks{args, stage_bytes, blockIdx.x, 0};
   int64_t target[kBulkStages];
   unsigned bytes[kBulkStages];
   int64_t issued = 0;
@@ -347,7 +351,7 @@ __device__ __forceinline__ void bulk_copy_rows(const UpdateArgs& args, unsigned 
     const int s = static_cast<int>(issued % kBulkStages);
     target[s] = to;
     bytes[s] = n;
-    bulk_load(stage[s], source, n, &full[s]);
+    bulk_load(stage(s), source, n, &full[s]);
     ++issued;
     return true;
   };
@@ -357,7 +361,7 @@ __device__ __forceinline__ void bulk_copy_rows(const UpdateArgs& args, unsigned 
     const int s = static_cast<int>(c % kBulkStages);
     bulk_wait(&full[s], static_cast<unsigned>((c / kBulkStages) & 1));
 #pragma unroll
-    for (int k = 0; k < NR; ++k) bulk_store(static_cast<char*>(args.rings[k]) + target[s], stage[s], bytes[s]);
+    for (int k = 0; k < NR; ++k) bulk_store(static_cast<char*>(args.rings[k]) + target[s], stage(s), bytes[s]);
     bulk_commit();
     if (c > 0) {  // chunk c - 1's stores have read its stage: refill it
       bulk_wait_read_all_but_newest();
@@ -367,10 +371,12 @@ __device__ __forceinline__ void bulk_copy_rows(const UpdateArgs& args, unsigned 
   bulk_wait_all();
 }
 
-// NR rings due and nothing else (LAWA alone), each slot = the parameters. A build run on a GPU
-// before sm_90 (no TMA) copies every element on the scalar path instead.
+// NR rings due and nothing else (LAWA alone), each slot = the parameters, through kBulkStages stages
+// of `stage_bytes` (a multiple of 16 up to kMaxBulkStageBytes) of dynamic shared memory. A build run
+// on a GPU before sm_90 (no TMA) copies every element on the scalar path instead.
 template <typename P, int NR>
-__global__ void __launch_bounds__(kThreads) bulk_ring_kernel(const __grid_constant__ UpdateArgs args) {
+__global__ void __launch_bounds__(kThreads) bulk_ring_kernel(const __grid_constant__ UpdateArgs args,
+                                                             unsigned stage_bytes) {
   static_assert(NR >= 1 && NR <= kMaxRings, "1 or 2 rings");
   constexpr int V = kAccessWidth<P, P>;
 #if defined(__CUDA_ARCH__) && !defined(FASTAVG_TMA)
@@ -379,9 +385,13 @@ __global__ void __launch_bounds__(kThreads) bulk_ring_kernel(const __grid_consta
   constexpr bool kBulk = true;
 #endif
   if constexpr (kBulk) {
-    __shared__ alignas(128) unsigned char stage[kBulkStages][kBulkStageBytes];
+#if defined(__CUDA_ARCH__)
+    extern __shared__ __align__(128) unsigned char bulk_stages[];
+#else  // the host emulator: one thread at a time, so one buffer serves every block
+    alignas(128) static unsigned char bulk_stages[kBulkStages * kMaxBulkStageBytes];
+#endif
     __shared__ uint64_t full[kBulkStages];
-    if (threadIdx.x == 0) bulk_copy_rows<P, NR>(args, stage, full);
+    if (threadIdx.x == 0) bulk_copy_rows<P, NR>(args, bulk_stages, stage_bytes, full);
   }
   for (int64_t r = blockIdx.x; r < args.rows; r += gridDim.x) {
     const int64_t* row = args.table + 4 * r;

@@ -18,10 +18,10 @@ namespace {
 // wave when update_kernel<bf16, float> took 40 registers (6 blocks per SM; H200: EMA at 76% of copy
 // while the 32-register fp32 kernel reached 100%).
 template <typename Kernel>
-unsigned blocks_for(Kernel kernel, int64_t work, int device, int threads) {
+unsigned blocks_for(Kernel kernel, int64_t work, int device, int threads, size_t shared_bytes = 0) {
   int sms = 0, per_sm = 0;
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0) != cudaSuccess) {
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, shared_bytes) != cudaSuccess) {
     cudaGetLastError();  // clear it, so the launch check reports only the launch
     per_sm = 1;
   }
@@ -38,9 +38,9 @@ std::atomic<bool> block_per_row{false};
 constexpr int64_t kMaxGridX = 2147483647;  // gridDim.x's limit: the kernels' row loop covers any rows past it
 
 template <typename Kernel>
-unsigned grid_for(Kernel kernel, int64_t rows, int device, int threads) {
+unsigned grid_for(Kernel kernel, int64_t rows, int device, int threads, size_t shared_bytes = 0) {
   if (block_per_row.load()) return static_cast<unsigned>(std::min(rows, kMaxGridX));
-  return blocks_for(kernel, rows, device, threads);
+  return blocks_for(kernel, rows, device, threads, shared_bytes);
 }
 
 // Threads per block of update and swap launches (set_block_threads): 128, as Triton's programs. At
@@ -55,9 +55,10 @@ std::atomic<int> block_threads{kDefaultThreads};
 // two (H200, run 6, bf16; at 256 threads two vectors were slower for LAWA: 85.8% against 89.0%).
 std::atomic<int> unroll{kDefaultUnroll};
 
-// Ring-only updates (LAWA alone) through bulk_ring_kernel, the TMA's copies (set_bulk_rings), on
-// GPUs of compute capability 9 and later; elsewhere, and by default, update_kernel as for the rest.
-std::atomic<bool> bulk_rings{false};
+// Ring-only updates (LAWA alone) through bulk_ring_kernel, the TMA's copies, in stages of this many
+// KB (set_bulk_rings), on GPUs of compute capability 9 and later; 0 (the default), and on other GPUs,
+// update_kernel as for the rest.
+std::atomic<int> bulk_stage_kb{0};
 
 bool has_tma(int device) {
   int major = 0;
@@ -78,13 +79,19 @@ const char* last_error() {
 const char* update(UpdateArgs args, Dtype param, Dtype average, int device, void* stream) {
   if (args.rows == 0 || args.n_averages + args.n_rings == 0) return nullptr;
   finish_update_args(args);
-  if (args.n_averages == 0 && bulk_rings.load() && has_tma(device)) {
+  const int stage_kb = bulk_stage_kb.load();
+  if (args.n_averages == 0 && stage_kb > 0 && has_tma(device)) {
+    const unsigned stage_bytes = unsigned(stage_kb) * 1024;
+    const size_t shared_bytes = size_t(kBulkStages) * stage_bytes;
     dispatch(param, [&](auto p_tag) {
       using P = decltype(p_tag);
       with_count<1, kMaxRings>(args.n_rings, [&](auto nr) {
         auto kernel = bulk_ring_kernel<P, decltype(nr)::value>;
+        // Past 48 KB of dynamic shared memory a kernel must opt in, before the occupancy query too.
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared_bytes));
         const int threads = block_threads.load();
-        kernel<<<grid_for(kernel, args.rows, device, threads), threads, 0, static_cast<cudaStream_t>(stream)>>>(args);
+        kernel<<<grid_for(kernel, args.rows, device, threads, shared_bytes), threads, shared_bytes,
+                 static_cast<cudaStream_t>(stream)>>>(args, stage_bytes);
       });
     });
     return last_error();
@@ -145,9 +152,11 @@ int set_block_per_row(int on) {
   return block_per_row.exchange(on == 1) ? 1 : 0;
 }
 
-int set_bulk_rings(int on) {
-  if (on != 0 && on != 1) return -1;
-  return bulk_rings.exchange(on == 1) ? 1 : 0;
+int set_bulk_rings(int stage_kb) {
+  if (stage_kb != 0 && (stage_kb < 4 || stage_kb * 1024 > int(kMaxBulkStageBytes) || (stage_kb & (stage_kb - 1)))) {
+    return -1;
+  }
+  return bulk_stage_kb.exchange(stage_kb);
 }
 
 }  // namespace cuda

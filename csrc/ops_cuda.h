@@ -40,9 +40,9 @@ int set_unroll(int factor);
 // blocks resident at once; 1, one block per table row. Returns the previous value, or -1 (unchanged).
 int set_block_per_row(int on);
 // Later ring-only update launches (LAWA alone) through the TMA's bulk copies on GPUs that have it
-// (compute capability 9 and later), for tuning: 0, the default, off; 1, on. Returns the previous
-// value, or -1 (unchanged).
-int set_bulk_rings(int on);
+// (compute capability 9 and later), for tuning: 0, the default, off; else the KB of each of its 4
+// shared-memory stages, a power of two from 4 to 32. Returns the previous value, or -1 (unchanged).
+int set_bulk_rings(int stage_kb);
 
 }  // namespace cuda
 }  // namespace fastavg

@@ -73,12 +73,12 @@ def _aligned(address: int) -> bool:
 
 
 def backend(
-    lib: ctypes.CDLL, most_blocks: int, threads: int = DEFAULT_THREADS, unroll: int = DEFAULT_UNROLL, bulk: bool = False
+    lib: ctypes.CDLL, most_blocks: int, threads: int = DEFAULT_THREADS, unroll: int = DEFAULT_UNROLL, bulk_kb: int = 0
 ) -> Backend:
     """The emulated kernels as a backend; ``most_blocks`` stands for the blocks a GPU holds at once,
     ``threads`` for the threads per block of update and swap launches (set_block_threads), ``unroll``
-    for their vectors per thread per pass (set_unroll: 1, 2 or 4), ``bulk`` for ring-only updates
-    through the TMA's copies (set_bulk_rings, on a GPU that has them)."""
+    for their vectors per thread per pass (set_unroll: 1, 2 or 4), ``bulk_kb`` for ring-only updates
+    through the TMA's copies in stages of that many KB (set_bulk_rings, on a GPU that has them)."""
 
     def blocks(items: int) -> ctypes.c_uint:
         return ctypes.c_uint(lib.emulate_balanced_blocks(items, most_blocks))
@@ -93,7 +93,7 @@ def backend(
             launched = lib.emulate_update(
                 ctypes.c_void_p(table.data_ptr()), ctypes.c_int64(table.shape[0]), _pointers(avg),
                 (ctypes.c_double * MAX_AVERAGES)(*wts), len(avg), _pointers(rng), len(rng), int(vectors_ok),
-                CODES[params[0].dtype], average_code, blocks(table.shape[0]), threads, unroll, int(bulk),
+                CODES[params[0].dtype], average_code, blocks(table.shape[0]), threads, unroll, bulk_kb,
             )  # fmt: skip
             _launched(launched, lib)
 

@@ -42,11 +42,11 @@ class FakeTuningHooks:
         previous, self.state[2] = self.state[2], on
         return previous
 
-    def set_bulk_rings(self, on):
-        if on not in (0, 1):
+    def set_bulk_rings(self, stage_kb):
+        if stage_kb not in (0, 4, 8, 16, 32):
             return -1
-        self.log.append(("bulk_rings", on))
-        previous, self.bulk = self.bulk, on
+        self.log.append(("bulk_rings", stage_kb))
+        previous, self.bulk = self.bulk, stage_kb
         return previous
 
 
@@ -342,22 +342,24 @@ def _lawa_sweep_buffers():
 @pytest.mark.skipif(fastavg.available_backends("cpu")["native"] is not None, reason="needs the native backend")
 def test_kernel_sweep_times_lawa_through_the_tma_and_checks_every_lawa_row():
     """The sweep's LAWA rows through the TMA's bulk copies: at the build's threads and unroll with
-    set_bulk_rings on, over the default table and the longer ones asked for, only where there are
-    hooks. Every LAWA row of fastavg's kernels is checked once against a poisoned slot before timing:
+    set_bulk_rings at each stage size, over the default table and the longer ones asked for, only
+    where there are hooks. Every LAWA row of fastavg's kernels is checked once against a poisoned slot before timing:
     a variant no GPU test has run would otherwise print a time for wrong output."""
     from fastavg.table import CHUNK
 
     sweep, tuning = _bench_script(), FakeTuningHooks()
     params, buffers, available = _lawa_sweep_buffers()
-    runs = sweep.lawa_question_rows(params, buffers, [], available, tuning, [CHUNK, 1 << 17])
+    runs = sweep.lawa_question_rows(params, buffers, [], available, tuning, [CHUNK, 1 << 17], [8, 32])
     bulk = {kernel: row for (_, kernel), row in runs.items() if "TMA" in kernel}
     assert {k: v[1] for k, v in bulk.items()} == {
-        "native, TMA bulk copies, rows of 2^15": (256, 1, False, True),
-        "native, TMA bulk copies, rows of 2^17": (256, 1, False, True),
+        "native, TMA 8 KB stages, rows of 2^15": (256, 1, False, 8),
+        "native, TMA 32 KB stages, rows of 2^15": (256, 1, False, 32),
+        "native, TMA 8 KB stages, rows of 2^17": (256, 1, False, 8),
+        "native, TMA 32 KB stages, rows of 2^17": (256, 1, False, 32),
     }
     for fn, settings in bulk.values():
         with native_launch.launch_settings(tuning, *settings):
-            assert tuning.bulk == 1
+            assert tuning.bulk == settings.bulk
             assert sweep.writes_the_slot(fn, buffers)
         assert tuning.bulk == 0
     assert not sweep.writes_the_slot(lambda: None, buffers)  # a row that writes nothing is caught
@@ -375,8 +377,8 @@ def test_kernel_sweep_times_lawa_with_a_block_per_row():
     runs = sweep.lawa_question_rows(params, buffers, [8, 1 << 15], available, tuning)
     per_row = {kernel: row for (update, kernel), row in runs.items() if "block per row" in kernel}
     assert {k: v[1] for k, v in per_row.items()} == {
-        "native, a block per row, rows of 2^3": (256, 1, True, False),  # the stand-in's current settings
-        "native, a block per row, rows of 2^15": (256, 1, True, False),
+        "native, a block per row, rows of 2^3": (256, 1, True, 0),  # the stand-in's current settings
+        "native, a block per row, rows of 2^15": (256, 1, True, 0),
     }
     for fn, settings in per_row.values():
         ring.fill_(float("nan"))
@@ -440,10 +442,10 @@ def test_kernel_sweep_native_rows_set_and_restore_their_tuning():
     tuning = FakeTuningHooks()
     lawa = sweep.native_rows("lawa", print, tuning, [256, 128], [1, 2])
     assert {k: v[1] for k, v in lawa.items()} == {
-        "native T=256": (256, 1, False, False),
-        "native T=256 x2": (256, 2, False, False),
-        "native T=128": (128, 1, False, False),
-        "native T=128 x2": (128, 2, False, False),
+        "native T=256": (256, 1, False, 0),
+        "native T=256 x2": (256, 2, False, 0),
+        "native T=128": (128, 1, False, 0),
+        "native T=128 x2": (128, 2, False, 0),
     }  # the persistent grid: the default table's rows over one block each are the question rows' job
     assert list(sweep.native_rows("ema", print, tuning, [128], [1, 2])) == ["native T=128"]
     assert sweep.native_rows("ema", print, None, [128], [1, 2]) == {"native": (print, None)}
@@ -473,32 +475,35 @@ def test_launch_settings_with_a_block_per_row_undo_every_setting_they_made():
 
 @pytest.mark.parametrize(
     "text, setting",
-    [("128", (128, 1, False, False)), ("256x2", (256, 2, False, False)), ("32x1", (32, 1, False, False)),
-     ("128x2/row", (128, 2, True, False)), ("64/row", (64, 1, True, False))],
+    [("128", (128, 1, False, 0)), ("256x2", (256, 2, False, 0)), ("32x1", (32, 1, False, 0)),
+     ("128x2/row", (128, 2, True, 0)), ("64/row", (64, 1, True, 0))],
 )  # fmt: skip
 def test_native_launch_settings_parse(text, setting):
     assert native_launch.parse_setting(text) == setting
 
 
 def test_native_launch_settings_with_the_tma_change_lawa_alone_only():
-    assert native_launch.parse_setting("128/bulk") == (128, 1, False, True)
-    assert native_launch.parse_setting("128x2/row/bulk") == (128, 2, True, True)
-    assert native_launch.label(*native_launch.parse_setting("128x2/bulk")) == "T=128 x2 bulk"
-    bulk = native_launch.Setting(128, 2, bulk=True)
+    assert (
+        native_launch.parse_setting("128/bulk") == (128, 1, False, native_launch.DEFAULT_BULK_KB) == (128, 1, False, 8)
+    )
+    assert native_launch.parse_setting("128x2/row/bulk32") == (128, 2, True, 32)
+    assert native_launch.label(*native_launch.parse_setting("128x2/bulk")) == "T=128 x2 bulk 8K"
+    bulk = native_launch.Setting(128, 2, bulk=32)
     # LAWA alone's bulk kernel has no unroll; swap keeps its unroll and has no bulk kernel.
-    assert native_launch.effective("lawa", bulk) == (128, 1, False, True)
-    assert native_launch.effective("swap", bulk) == (128, 2, False, False)
-    assert native_launch.effective("ema", bulk) == (128, 1, False, False)
+    assert native_launch.effective("lawa", bulk) == (128, 1, False, 32)
+    assert native_launch.effective("swap", bulk) == (128, 2, False, 0)
+    assert native_launch.effective("ema", bulk) == (128, 1, False, 0)
     hooks = FakeTuningHooks()
     with native_launch.launch_settings(hooks, *bulk):
-        assert native_launch.current_settings(hooks) == (128, 2, False, True)
-    assert native_launch.current_settings(hooks) == (256, 1, False, False) and hooks.bulk == 0
-    with pytest.raises(ValueError, match="0 or 1"):
-        native_launch.set_bulk_rings(SimpleNamespace(set_bulk_rings=lambda on: -1), True)  # a refusing build
+        assert native_launch.current_settings(hooks) == (128, 2, False, 32)
+    assert native_launch.current_settings(hooks) == (256, 1, False, 0) and hooks.bulk == 0
+    with pytest.raises(ValueError, match="4, 8, 16 or 32 KB"):
+        native_launch.set_bulk_rings(hooks, 12)  # refused by the hooks, nothing changed
+    assert hooks.bulk == 0
 
 
 @pytest.mark.parametrize("text", ["", "x2", "128x", "128*2", "-128", "128 x2", "twelve", "/row", "128/rows", "128x2/",
-                                  "128/bulk/row", "/bulk", "128/tma"])  # fmt: skip
+                                  "128/bulk/row", "/bulk", "128/tma", "128/bulk/bulk", "128/bulkx"])  # fmt: skip
 def test_malformed_native_launch_settings_are_refused(text):
     with pytest.raises(ValueError, match=r"THREADS\[xUNROLL\]\[/row\]"):
         native_launch.parse_setting(text)
@@ -506,7 +511,7 @@ def test_malformed_native_launch_settings_are_refused(text):
 
 def test_native_launch_settings_read_before_the_grid_was_one_are_on_the_persistent_grid():
     # Runs 6 and 7 recorded [threads, unroll]; the labels name the grid only where it is one block per row.
-    assert native_launch.Setting(*[128, 2]) == (128, 2, False, False)
+    assert native_launch.Setting(*[128, 2]) == (128, 2, False, 0)
     assert native_launch.label(*native_launch.Setting(128, 2)) == "T=128 x2"
     assert (
         native_launch.label(128, 2, True) == "T=128 x2 per row" and native_launch.label(256, 1, True) == "T=256 per row"
@@ -516,24 +521,24 @@ def test_native_launch_settings_read_before_the_grid_was_one_are_on_the_persiste
 def test_native_launches_per_update_skip_the_default_and_repeats():
     settings = [(128, 1), (256, 2), (128, 2), (256, 1)]  # as recorded before the grid was a setting
     # The unroll changes LAWA alone and swap only: for EMA, 256x2 is the default and 128x2 is 128.
-    assert cli.launches_for("ema", settings, (256, 1)) == [(128, 1, False, False)]
-    assert cli.launches_for("all", settings, (256, 1)) == [(128, 1, False, False)]
+    assert cli.launches_for("ema", settings, (256, 1)) == [(128, 1, False, 0)]
+    assert cli.launches_for("all", settings, (256, 1)) == [(128, 1, False, 0)]
     for update in ("lawa", "swap"):
         assert cli.launches_for(update, settings, (256, 1)) == [
-            (128, 1, False, False),
-            (256, 2, False, False),
-            (128, 2, False, False),
+            (128, 1, False, 0),
+            (256, 2, False, 0),
+            (128, 2, False, 0),
         ]
     # A default that unrolls: EMA's kernels run it as T=128, so only 256 is new there.
-    assert cli.launches_for("ema", settings, (128, 2)) == [(256, 1, False, False)]
+    assert cli.launches_for("ema", settings, (128, 2)) == [(256, 1, False, 0)]
     assert cli.launches_for("lawa", settings, (128, 2, False)) == [
-        (128, 1, False, False),
-        (256, 2, False, False),
-        (256, 1, False, False),
+        (128, 1, False, 0),
+        (256, 2, False, 0),
+        (256, 1, False, 0),
     ]
     # One block per row changes every update's launches; its unroll, again only LAWA's and swap's.
-    per_row = [(128, 2, True, False), (128, 4, True, False), (128, 4, False, False)]
-    assert cli.launches_for("ema", per_row, (128, 2, False)) == [(128, 1, True, False)]
+    per_row = [(128, 2, True, 0), (128, 4, True, 0), (128, 4, False, 0)]
+    assert cli.launches_for("ema", per_row, (128, 2, False)) == [(128, 1, True, 0)]
     assert cli.launches_for("lawa", per_row, (128, 2, False)) == per_row
     assert cli.launches_for("swap", per_row, (128, 2, True)) == per_row[1:]
 
@@ -546,7 +551,7 @@ def test_native_launch_needs_the_cuda_build(monkeypatch):
     monkeypatch.setattr(native_launch, "tuning_hooks", lambda: hooks)
     cuda = torch.device("cuda")
     assert cli.resolve_native_launches(["128", "256x2", "128x2/row"], cuda, ["native"]) == [
-        (128, 1, False, False), (256, 2, False, False), (128, 2, True, False)
+        (128, 1, False, 0), (256, 2, False, 0), (128, 2, True, 0)
     ]  # fmt: skip
     for bad, message in (("100/row", "multiple of 32"), ("128x3", "1, 2 or 4"), ("x", "THREADS")):
         with pytest.raises(SystemExit, match=message):
@@ -565,7 +570,7 @@ def test_native_rows_at_other_launch_settings_set_them_around_each_call(monkeypa
     params = [torch.nn.Parameter(torch.randn(s).bfloat16()) for s in [(7, 3), (5,)]]
     case = cases.fastavg_case("lawa", params, "native", launch=native_launch.Setting(128, 2))
     assert case.impl == "fastavg-native T=128 x2" and hooks.log == []
-    assert native_launch.current_settings(hooks) == (256, 1, False, False) and hooks.state == [256, 1, 0]
+    assert native_launch.current_settings(hooks) == (256, 1, False, 0) and hooks.state == [256, 1, 0]
     hooks.log.clear()
     case.step()
     assert hooks.log == [("threads", 128), ("unroll", 2), ("unroll", 1), ("threads", 256)]
@@ -594,23 +599,28 @@ def test_benchmark_adds_a_row_per_native_launch_setting_that_changes_the_update(
     launches = [
         native_launch.Setting(128, 2),
         native_launch.Setting(256, 1, True),
-        native_launch.Setting(128, 2, bulk=True),
+        native_launch.Setting(128, 2, bulk=8),
     ]
     monkeypatch.setattr(cli, "resolve_native_launches", lambda texts, device, backends: launches)
     path = tmp_path / "b.json"
     cli.main(["--quick", "--backends", "native", "--update", "ema", "lawa", "--dtype", "bf16", "--json", str(path)])
     header, *records = json.loads(path.read_text())
-    assert header["native_default"] == [256, 1, False, False]
-    assert header["native_launches"] == [[128, 2, False, False], [256, 1, True, False], [128, 2, False, True]]
+    assert header["native_default"] == [256, 1, False, 0]
+    assert header["native_launches"] == [[128, 2, False, 0], [256, 1, True, 0], [128, 2, False, 8]]
     printed = capsys.readouterr().out.split("native % of copy by launch setting")[1].splitlines()
-    names = ["T=256 (default)", "T=128 x2", "T=256 per row", "T=128 x2 bulk"]  # a line per setting, the default first
+    names = [
+        "T=256 (default)",
+        "T=128 x2",
+        "T=256 per row",
+        "T=128 x2 bulk 8K",
+    ]  # a line per setting, the default first
     assert len(printed) == 5 and all(line.strip().startswith(name + " ") for line, name in zip(printed[1:], names))
     native = [(r["update"], r["impl"]) for r in records if r["impl"].startswith("fastavg")]
-    # The bulk copies change LAWA alone only, and have no unroll: "T=128 bulk"; for EMA it is T=128.
+    # The bulk copies change LAWA alone only, and have no unroll: "T=128 bulk 8K"; for EMA it is T=128.
     assert native == [("ema", "fastavg-native"), ("ema", "fastavg-native T=128"),
                       ("ema", "fastavg-native T=256 per row"), ("lawa", "fastavg-native"),
                       ("lawa", "fastavg-native T=128 x2"), ("lawa", "fastavg-native T=256 per row"),
-                      ("lawa", "fastavg-native T=128 bulk")]  # fmt: skip
+                      ("lawa", "fastavg-native T=128 bulk 8K")]  # fmt: skip
     assert hooks.state == [256, 1, 0] and hooks.bulk == 0
 
 

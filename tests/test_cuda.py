@@ -1,5 +1,6 @@
 """The contract on CUDA tensors (skipped without a GPU): formulas, swaps, mixed devices."""
 
+import itertools
 import os
 
 import pytest
@@ -80,8 +81,8 @@ def test_gpt2_sized_update_matches_torch_backend(dtype, cuda_backend):
 
 @pytest.mark.parametrize(
     "threads, unroll, block_per_row, bulk",
-    [(256, 1, False, False), (128, 1, False, False), (256, 2, False, False), (128, 2, False, False),
-     (128, 4, False, False), (128, 2, True, False), (128, 2, False, True), (128, 2, True, True)],
+    [(256, 1, False, 0), (128, 1, False, 0), (256, 2, False, 0), (128, 2, False, 0),
+     (128, 4, False, 0), (128, 2, True, 0), (128, 2, False, 8), (128, 2, True, 32), (256, 1, False, 4)],
 )  # fmt: skip
 def test_native_kernels_at_the_sweeps_settings(threads, unroll, block_per_row, bulk):
     """bench/kernel_sweep.py times the native kernels at 256 and 128 threads per block, at one, two
@@ -98,25 +99,26 @@ def test_native_kernels_at_the_sweeps_settings(threads, unroll, block_per_row, b
     tuning = torch.ops.fastavg_native_tuning
     default = native_launch.current_settings(tuning)
     assert tuning.set_block_threads(100) == -1 and tuning.set_unroll(3) == -1 and tuning.set_block_per_row(2) == -1
-    assert tuning.set_bulk_rings(2) == -1
+    assert tuning.set_bulk_rings(2) == -1 and tuning.set_bulk_rings(12) == -1 and tuning.set_bulk_rings(64) == -1
     with pytest.raises(ValueError, match="multiple of 32"):
         native_launch.set_block_threads(tuning, 100)
     with pytest.raises(ValueError, match="1, 2 or 4"):
         native_launch.set_unroll(tuning, 3)
-    assert native_launch.current_settings(tuning) == default == (128, 2, False, False)  # the build's defaults
+    assert native_launch.current_settings(tuning) == default == (128, 2, False, 0)  # the build's defaults
     with native_launch.launch_settings(tuning, threads, unroll, block_per_row, bulk):
         _gpt2_sized_update_matches_torch_backend(torch.bfloat16, "native")
         _gpt2_sized_update_matches_torch_backend(torch.bfloat16, "native", {"lawa": LAWA(window=3, every=1)})
     assert native_launch.current_settings(tuning) == default
     assert native_launch.set_block_per_row(tuning, False) is False  # the persistent grid is back
-    assert native_launch.set_bulk_rings(tuning, False) is False  # and the vector kernel for LAWA alone
+    assert native_launch.set_bulk_rings(tuning, 0) == 0  # and the vector kernel for LAWA alone
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 @pytest.mark.parametrize("misaligned", [False, True])
 def test_native_lawa_through_the_tma_writes_every_element(dtype, misaligned):
-    """set_bulk_rings (the sweep's `TMA bulk copies` rows, fastavg-bench's `/bulk`): LAWA alone through
-    bulk_ring_kernel, one and two rings, over rows of the default length and longer, odd sizes and
+    """set_bulk_rings (the sweep's `TMA ... KB stages` rows, fastavg-bench's `/bulk`): LAWA alone
+    through bulk_ring_kernel in stages of 4, 8 and 32 KB (past the 48 KB of shared memory a kernel
+    gets unasked), one to three rings, over rows of the default length and longer, odd sizes and
     views one element off (the scalar path), against poisoned slots. On a GPU before sm_90 the
     launcher runs the vector kernel: the same results."""
     if "native" not in CUDA_BACKENDS:
@@ -134,17 +136,17 @@ def test_native_lawa_through_the_tma_writes_every_element(dtype, misaligned):
     storage = [torch.empty(3, -(-n // 8) * 8 + 8, dtype=dtype, device="cuda") for _ in range(3)]
     rings = [s[:, :n] for s in storage]
     tuning = torch.ops.fastavg_native_tuning
-    with native_launch.launch_settings(tuning, 128, 2, bulk=True):
-        for rows in (table, build_table(flat, 1 << 17)):
+    for kb, rows in itertools.product((4, 8, 32), (table, build_table(flat, 1 << 17))):
+        with native_launch.launch_settings(tuning, 128, 2, bulk=kb):
             for count in (1, 2, 3):  # three rings: two launches (at most two rings each)
                 for s in storage:
                     s.fill_(float("nan"))
                 impls["update_"](flat, rows, [], [], rings[:count], [2, 0, 1][:count])
                 for s, ring, slot in zip(storage, rings[:count], [2, 0, 1]):
-                    assert torch.equal(ring[slot], expected), (rows.shape, count)
+                    assert torch.equal(ring[slot], expected), (kb, rows.shape, count)
                     assert all(ring[other].isnan().all() for other in range(3) if other != slot)
                     assert s[:, n:].isnan().all()
-    assert native_launch.current_settings(tuning) == (128, 2, False, False)
+    assert native_launch.current_settings(tuning) == (128, 2, False, 0)
 
 
 def test_benchmark_times_native_launch_settings_through_the_real_hooks():
@@ -155,10 +157,10 @@ def test_benchmark_times_native_launch_settings_through_the_real_hooks():
     if "native" not in CUDA_BACKENDS:
         pytest.skip(fastavg.available_backends("cuda")["native"])
     hooks, cuda = native_launch.tuning_hooks(), torch.device("cuda")
-    assert hooks is not None and native_launch.current_settings(hooks) == (128, 2, False, False)
+    assert hooks is not None and native_launch.current_settings(hooks) == (128, 2, False, 0)
     # Resolving only sets and restores the hooks: no launch, so the bulk setting is safe here.
-    assert cli.resolve_native_launches(["256", "256x2", "128x2/row", "128x2/bulk"], cuda, ["native"]) == [
-        (256, 1, False, False), (256, 2, False, False), (128, 2, True, False), (128, 2, False, True)
+    assert cli.resolve_native_launches(["256", "256x2", "128x2/row", "128x2/bulk32"], cuda, ["native"]) == [
+        (256, 1, False, 0), (256, 2, False, 0), (128, 2, True, 0), (128, 2, False, 32)
     ]  # fmt: skip
     with pytest.raises(SystemExit, match="128x3"):
         cli.resolve_native_launches(["128x3"], cuda, ["native"])
@@ -166,9 +168,9 @@ def test_benchmark_times_native_launch_settings_through_the_real_hooks():
     cases.fastavg_case("swap", params, "native", launch=native_launch.Setting(256, 1)).step()
     cases.fastavg_case("lawa", params, "native", launch=native_launch.Setting(128, 4, True)).step()
     if not os.environ.get("FASTAVG_SKIP_BULK"):  # gpu_check.sh's bulk probe passed (or this is not gpu_check)
-        cases.fastavg_case("lawa", params, "native", launch=native_launch.Setting(128, 2, bulk=True)).step()
+        cases.fastavg_case("lawa", params, "native", launch=native_launch.Setting(128, 2, bulk=8)).step()
     torch.cuda.synchronize()
-    assert native_launch.current_settings(hooks) == (128, 2, False, False)
+    assert native_launch.current_settings(hooks) == (128, 2, False, 0)
 
 
 def _gpt2_sized_update_matches_torch_backend(dtype, backend, specs=SPECS):

@@ -33,15 +33,16 @@ def emulator(tmp_path_factory):
 
 
 @pytest.fixture(
-    params=[(2, 128, 2, False), (1, 256, 1, False), (3, 128, 1, False), (2, 96, 4, False), (1 << 30, 128, 2, False),
-            (2, 128, 2, True)],
+    params=[(2, 128, 2, 0), (1, 256, 1, 0), (3, 128, 1, 0), (2, 96, 4, 0), (1 << 30, 128, 2, 0), (2, 128, 2, 8),
+            (3, 96, 2, 32)],
     ids=[
         "default-128-threads-unroll-2",
         "1-block-256-threads",
         "3-blocks-128-threads",
         "2-blocks-96-threads-unroll-4",
         "a-block-per-row",
-        "bulk-copies",
+        "bulk-copies-8k",
+        "bulk-copies-32k",
     ],
 )  # fmt: skip
 def target(request, emulator):
@@ -49,9 +50,10 @@ def target(request, emulator):
     the CUDA build's default (128 threads per block, two vectors per thread per pass for ring-only
     updates and swaps) and the sweep's other settings (set_block_threads, set_unroll; at 96 threads
     a row's last pass is partial; set_block_per_row: a grid of as many blocks as rows, each walking
-    one; set_bulk_rings: LAWA alone through the TMA's copies, in emulate.cpp's model of them)."""
-    most_blocks, threads, unroll, bulk = request.param
-    return emulated_backend(emulator, most_blocks=most_blocks, threads=threads, unroll=unroll, bulk=bulk), "cpu"
+    one; set_bulk_rings: LAWA alone through the TMA's copies in stages of 8 and 32 KB, in
+    emulate.cpp's model of them)."""
+    most_blocks, threads, unroll, bulk_kb = request.param
+    return emulated_backend(emulator, most_blocks=most_blocks, threads=threads, unroll=unroll, bulk_kb=bulk_kb), "cpu"
 
 
 @pytest.mark.parametrize("items, most", [(1995, 1056), (1995, 792), (1, 3), (0, 3), (7, 1), (1057, 1056)])

@@ -20,18 +20,20 @@ import torch
 UNROLLED = ("lawa", "swap")
 # The update set_bulk_rings changes: ring-only updates, whose bulk kernel has no unroll.
 BULK = ("lawa",)
+# KB per shared-memory stage of the TMA's copies where a setting says "/bulk" with no number.
+DEFAULT_BULK_KB = 8
 
 
 class Setting(NamedTuple):
     """One launch setting: threads per block, the unroll, whether the grid is one block per table row
-    (else the persistent grid), and whether LAWA alone goes through the TMA's bulk copies. A
-    ``[threads, unroll]`` recorded before the grid was a setting (runs 6 and 7) reads as
+    (else the persistent grid), and the KB per stage of LAWA alone's TMA bulk copies (0: the vector
+    kernel). A ``[threads, unroll]`` recorded before the grid was a setting (runs 6 and 7) reads as
     ``Setting(*it)``: the persistent grid, no bulk copies; so does a ``[threads, unroll, per_row]``."""
 
     threads: int
     unroll: int = 1
     per_row: bool = False
-    bulk: bool = False
+    bulk: int = 0
 
 
 def tuning_hooks():
@@ -70,32 +72,32 @@ def set_block_per_row(hooks, on: bool) -> bool:
     return bool(_set(hooks.set_block_per_row, int(on), "block_per_row must be 0 or 1"))
 
 
-def set_bulk_rings(hooks, on: bool) -> bool:
-    """Later native ring-only updates (LAWA alone) through the TMA's bulk copies (True; on GPUs of
-    compute capability 9 and later, elsewhere as before) or the vector kernel (False, the default);
-    the previous value."""
-    return bool(_set(hooks.set_bulk_rings, int(on), "bulk_rings must be 0 or 1"))
+def set_bulk_rings(hooks, stage_kb: int) -> int:
+    """Later native ring-only updates (LAWA alone) through the TMA's bulk copies in stages of
+    ``stage_kb`` KB (on GPUs of compute capability 9 and later; elsewhere as before), or the vector
+    kernel (0, the default); the previous value."""
+    return _set(hooks.set_bulk_rings, int(stage_kb), "bulk stages must be 0 (off) or 4, 8, 16 or 32 KB")
 
 
 @contextlib.contextmanager
-def launch_settings(hooks, threads: int, unroll: int, block_per_row: bool = False, bulk: bool = False):
+def launch_settings(hooks, threads: int, unroll: int, block_per_row: bool = False, bulk: int = 0):
     """Native launches at ``threads`` per block and ``unroll`` times one vector per thread per pass,
-    with one block per table row if ``block_per_row`` and LAWA alone through the TMA's copies if
-    ``bulk``, inside the block; then the settings before."""
+    with one block per table row if ``block_per_row`` and LAWA alone through the TMA's copies in
+    stages of ``bulk`` KB if not 0, inside the block; then the settings before."""
     with contextlib.ExitStack() as undo:  # each setting made is undone, also when a later one is refused
         undo.callback(set_block_threads, hooks, set_block_threads(hooks, threads))
         undo.callback(set_unroll, hooks, set_unroll(hooks, unroll))
         if block_per_row:
             undo.callback(set_block_per_row, hooks, set_block_per_row(hooks, True))
         if bulk:
-            undo.callback(set_bulk_rings, hooks, set_bulk_rings(hooks, True))
+            undo.callback(set_bulk_rings, hooks, set_bulk_rings(hooks, bulk))
         yield
 
 
 def current_settings(hooks) -> Setting:
     """The setting launches use now (each hook read by setting a value and putting the old one back)."""
     threads, unroll = set_block_threads(hooks, 128), set_unroll(hooks, 1)
-    per_row, bulk = set_block_per_row(hooks, False), set_bulk_rings(hooks, False)
+    per_row, bulk = set_block_per_row(hooks, False), set_bulk_rings(hooks, 0)
     set_block_threads(hooks, threads)
     set_unroll(hooks, unroll)
     set_block_per_row(hooks, per_row)
@@ -105,20 +107,24 @@ def current_settings(hooks) -> Setting:
 
 def parse_setting(text: str) -> Setting:
     """``"128"`` -> (128, 1); ``"128x2"`` -> (128, 2); ``"128x2/row"`` -> (128, 2) with one block per
-    table row; ``"128/bulk"``: LAWA alone through the TMA's copies. The hooks check the values themselves."""
-    match = re.fullmatch(r"(\d+)(?:x(\d+))?(/row)?(/bulk)?", text)
+    table row; ``"128/bulk"``, ``"128/bulk32"``: LAWA alone through the TMA's copies in stages of 8
+    (DEFAULT_BULK_KB) or 32 KB. The hooks check the values themselves."""
+    match = re.fullmatch(r"(\d+)(?:x(\d+))?(/row)?(/bulk(\d*))?", text)
     if match is None:
-        raise ValueError(f"{text!r} is not THREADS[xUNROLL][/row][/bulk] (e.g. 128, 256x2, 128x2/row or 128/bulk)")
-    return Setting(int(match[1]), int(match[2] or 1), match[3] is not None, match[4] is not None)
+        raise ValueError(
+            f"{text!r} is not THREADS[xUNROLL][/row][/bulk[KB]] (e.g. 128, 256x2, 128x2/row, 128/bulk or 128/bulk32)"
+        )
+    bulk = int(match[5] or DEFAULT_BULK_KB) if match[4] else 0
+    return Setting(int(match[1]), int(match[2] or 1), match[3] is not None, bulk)
 
 
-def label(threads: int, unroll: int, per_row: bool = False, bulk: bool = False) -> str:
-    """A row's name for a setting: ``T=128``, ``T=256 x2``, ``T=128 x2 per row``, ``T=128 bulk``."""
+def label(threads: int, unroll: int, per_row: bool = False, bulk: int = 0) -> str:
+    """A row's name for a setting: ``T=128``, ``T=256 x2``, ``T=128 x2 per row``, ``T=128 bulk 8K``."""
     return (
         f"T={threads}"
         + (f" x{unroll}" if unroll > 1 else "")
         + (" per row" if per_row else "")
-        + (" bulk" if bulk else "")
+        + (f" bulk {bulk}K" if bulk else "")
     )
 
 
@@ -126,7 +132,7 @@ def effective(update: str, setting) -> Setting:
     """The setting as ``update``'s kernels see it: the unroll changes only LAWA alone and swap, and
     not LAWA alone through the bulk copies, which change only LAWA alone; the grid, every update and swap."""
     threads, unroll, per_row, bulk = Setting(*setting)
-    bulk = bulk and update in BULK
+    bulk = int(bulk) if update in BULK else 0
     return Setting(threads, unroll if update in UNROLLED and not bulk else 1, per_row, bulk)
 
 

@@ -178,11 +178,12 @@ extern "C" {
 
 // One launch of update_kernel, as ops_cuda.cu's update() makes it (at most 4 averages, 2 rings), of
 // `threads` per block (set_block_threads) and `unroll` (set_unroll), ring-only updates through
-// bulk_ring_kernel if `bulk` (set_bulk_rings); 0 for a (parameter, average) dtype pair the build lacks,
-// as update() refuses it; -1 where the model of the TMA's copies found an error (emulate_bulk_error).
+// bulk_ring_kernel in stages of `bulk_kb` KB if not 0 (set_bulk_rings); 0 for a (parameter, average)
+// dtype pair the build lacks, as update() refuses it; -1 where the model of the TMA's copies found an
+// error (emulate_bulk_error).
 int emulate_update(const int64_t* table, int64_t rows, void* const* averages, const double* weights, int n_averages,
                    void* const* rings, int n_rings, int vectors_ok, int param, int average, unsigned blocks,
-                   unsigned threads, int unroll, int bulk) {
+                   unsigned threads, int unroll, int bulk_kb) {
   UpdateArgs args{};
   args.table = table;
   args.rows = rows;
@@ -195,11 +196,13 @@ int emulate_update(const int64_t* table, int64_t rows, void* const* averages, co
   args.n_rings = n_rings;
   args.vectors_ok = vectors_ok != 0;
   finish_update_args(args);
-  if (bulk && n_averages == 0) {
+  if (bulk_kb > 0 && n_averages == 0) {
     bulk_error.clear();
+    const unsigned stage_bytes = unsigned(bulk_kb) * 1024;
+    if (stage_bytes > kMaxBulkStageBytes) fail("stages larger than the kernel's buffer");
     dispatch(Dtype(param), [&](auto p_tag) {
       with_count<1, kMaxRings>(n_rings, [&](auto nr) {
-        run(blocks, threads, [&] { bulk_ring_kernel<decltype(p_tag), decltype(nr)::value>(args); });
+        run(blocks, threads, [&] { bulk_ring_kernel<decltype(p_tag), decltype(nr)::value>(args, stage_bytes); });
       });
     });
     return bulk_error.empty() ? 1 : -1;
