@@ -686,11 +686,19 @@ def test_gpu_check_script_parses_and_summarises_a_run(tmp_path):
         "install + native build: 31 s\nstage install: 40 s\nstage 1 of the build\nstage bench: 71 s\n"
         "bulk probe: ok, 170113 elements into 1 and 2 rings by the TMA's bulk copies in 0.41 s\n"
     )
+    sweep_lines = [
+        "lawa     native T=128 x2                             0.1320     3767   90.2%",
+        "lawa     native, TMA 8 KB stages, rows of 2^15       0.0100    49000 1173.0%  WRONG: the ring slot differs "
+        "from the parameters",
+    ]
+    (tmp_path / "step_overhead.txt").write_text("\n".join(["native  step, LAWA due     44.6 us", *sweep_lines]) + "\n")
     result = subprocess.run([sys.executable, "-c", summary_code, str(tmp_path), "0", "0"], capture_output=True,
                             text=True, cwd=root)  # fmt: skip
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["copy_gbps"] == header["copy_gbps"]
+    assert summary["kernel_sweep"] == sweep_lines  # a row marked WRONG too, though it ends in no unit
+    assert summary["step_overhead_us"] == ["native  step, LAWA due     44.6 us"]
     assert summary["bench_complete"] is None  # run 5 wrote its file once, before the flag existed
     assert summary["fastavg_pct_of_copy"]["fastavg-native lawa bfloat16"] == 88.9
     by_launch = summary["native_pct_of_copy_by_launch"]
