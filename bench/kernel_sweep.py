@@ -110,13 +110,18 @@ def default_kernel(name, buffers, available) -> dict:
     return runs
 
 
+def over_table(params, buffers, chunk: int) -> tuple:
+    """``buffers`` with the table of rows of ``chunk`` elements (the default table's own where ``chunk``
+    is its row length)."""
+    return (params, buffers[1] if chunk == CHUNK else build_table(params, chunk), *buffers[2:])
+
+
 def table_rows(name, params, buffers, chunks, available) -> dict:
     """``name`` on each backend's default kernel over tables of other row lengths than the default
     table's (2^15), on the persistent grid: (update, kernel) -> (fn, None)."""
     runs = {}
     for chunk in (c for c in chunks if c != CHUNK):
-        other = (params, build_table(params, chunk), *buffers[2:])
-        for backend, fn in default_kernel(name, other, available).items():
+        for backend, fn in default_kernel(name, over_table(params, buffers, chunk), available).items():
             runs[(name, f"{backend}, {rows_of(chunk)}")] = (fn, None)
     return runs
 
@@ -131,22 +136,23 @@ def lawa_question_rows(params, buffers, per_row_chunks, available, tuning, bulk_
     # blocks finish first idles to the end. A grid of one block per row (the GPU starts each block as a
     # slot frees) ends within one row's time: 2^13 elements are 16 KB of bf16, four passes of a block.
     # Triton's kernel is launched the same way, a program per row, past its launcher's grid.
-    native_per_row = current_settings(tuning)._replace(per_row=True) if tuning is not None else None
+    native = available["native"] is None and tuning is not None
+    build_setting = current_settings(tuning) if native else None  # the build's threads and unroll
     for chunk in per_row_chunks:
-        fine = (params, buffers[1] if chunk == CHUNK else build_table(params, chunk), *buffers[2:])
+        fine = over_table(params, buffers, chunk)
         if available["triton"] is None:
             runs[("lawa", f"triton, a program per row, {rows_of(chunk)}")] = (triton_per_row("lawa", fine), None)
-        if available["native"] is None and native_per_row is not None:
-            runs[("lawa", f"native, a block per row, {rows_of(chunk)}")] = (native_run("lawa", fine), native_per_row)
+        if native:
+            per_row = build_setting._replace(per_row=True)
+            runs[("lawa", f"native, a block per row, {rows_of(chunk)}")] = (native_run("lawa", fine), per_row)
     # The TMA (sm_90; cuda_kernels.cuh's bulk_ring_kernel): one thread per block moves each row in
     # stages of 8 or 32 KB, global -> shared -> global, three loads in flight, where the vector
     # kernel's threads each hold 16-byte loads. On the persistent grid, and over longer rows (fewer
     # table reads and stage restarts); a build whose GPU lacks the TMA runs the vector kernel instead.
-    if available["native"] is None and tuning is not None:
-        for chunk, kb in itertools.product(bulk_chunks, bulk_kbs):
-            fine = (params, buffers[1] if chunk == CHUNK else build_table(params, chunk), *buffers[2:])
-            bulk = current_settings(tuning)._replace(bulk=kb)
-            runs[("lawa", f"native, TMA {kb} KB stages, {rows_of(chunk)}")] = (native_run("lawa", fine), bulk)
+    for chunk in bulk_chunks if native else ():
+        fine = native_run("lawa", over_table(params, buffers, chunk))
+        for kb in bulk_kbs:
+            runs[("lawa", f"native, TMA {kb} KB stages, {rows_of(chunk)}")] = (fine, build_setting._replace(bulk=kb))
     # LAWA alone is a copy: the parameters into a ring slot, read once and written once, as the copy
     # baseline. torch's copy of the same bytes as one contiguous tensor (cudaMemcpyAsync, the driver's
     # copy) says how near 100% a transfer of that size comes; torch.neg into another tensor is an
