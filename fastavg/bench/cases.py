@@ -54,7 +54,7 @@ def _specs(update: str) -> dict:
 def fastavg_case(update: str, params: list[torch.Tensor], backend: str, launch=None) -> Case:
     """fastavg on ``backend``, timed through opt.step() (its Python side counts). ``launch``: native
     CUDA launches at a ``native_launch.Setting`` (threads per block, unroll, one block per row or the
-    persistent grid) during each call, not the defaults."""
+    persistent grid, LAWA alone's TMA stages) during each call, not the defaults."""
     hooks = native_launch.tuning_hooks() if launch is not None else None
     if launch is not None and (backend != "native" or hooks is None):  # refused before anything is built
         raise ValueError("a launch setting needs the native backend's CUDA build (its tuning hooks)")

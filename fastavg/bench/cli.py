@@ -35,11 +35,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         nargs="+",
         default=[],
         metavar="SETTING",
-        help="also time the native CUDA kernels at these launch settings, THREADS[xUNROLL][/row][/bulk] "
+        help="also time the native CUDA kernels at these launch settings, THREADS[xUNROLL][/row][/bulk[KB]] "
         "(threads per block; vectors per thread per pass, 1, 2 or 4 times one, for LAWA alone and "
         "swap; /row: one block per table row, not the persistent grid; /bulk: LAWA alone through the "
-        "TMA's bulk copies, sm_90 and later): e.g. 256 128x4 128x2/row 128x2/bulk. "
-        "Rows 'fastavg-native T=128', 'fastavg-native T=128 x2 per row', 'fastavg-native T=128 bulk', ...",
+        "TMA's bulk copies, sm_90 and later, in shared-memory stages of 8 KB or KB: 4, 8, 16, 32): "
+        "e.g. 256 128x4 128x2/row 128x2/bulk32. "
+        "Rows 'fastavg-native T=128', 'fastavg-native T=128 x2 per row', 'fastavg-native T=128 bulk 32K', ...",
     )
     parser.add_argument(
         "--repeats", type=int, default=None, help="timed samples (default 30 on GPU, 5 calls each; 10 on CPU)"
