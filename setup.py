@@ -1,7 +1,7 @@
 """Builds fastavg._C, the native backend (metadata lives in pyproject.toml).
 
 - CPU kernels wherever a C++ compiler and torch are present; the CUDA kernels too where nvcc and a
-  CUDA build of torch exist (TORCH_CUDA_ARCH_LIST respected; default sm_80 and sm_90).
+  CUDA build of torch exist (TORCH_CUDA_ARCH_LIST respected; default: default_cuda_arch_list).
 - FASTAVG_NO_NATIVE=1 skips the extension. A failed build never fails the install: fastavg then
   runs on its torch and triton backends, and available_backends() says why native is missing.
 
@@ -15,6 +15,29 @@ from setuptools import setup
 
 CPU_SOURCES = ["csrc/register.cpp", "csrc/ops_cpu.cpp", "csrc/params_check.cpp"]
 CUDA_SOURCES = ["csrc/cuda_binding.cpp", "csrc/ops_cuda.cu"]
+ALWAYS_BUILT_ARCHS = ((8, 0), (9, 0))  # A100 and H100/H200, wherever the wheel is built
+
+
+def default_cuda_arch_list(visible: list[tuple[int, int]], torch_archs: list[str]) -> str:
+    """TORCH_CUDA_ARCH_LIST where the user gives none: sm_80, sm_90, the visible GPUs', and the newest's PTX.
+
+    ``visible``: the compute capabilities of the GPUs on the building machine; ``torch_archs``:
+    ``torch.cuda.get_arch_list()`` (what this torch, and so this nvcc, builds for).
+
+    A fixed sm_80 and sm_90 left a machine with a newer GPU (a B200, 10.0) without kernels for it: every
+    native update failed with "no kernel image". torch's own default, the visible GPUs only, would leave
+    a wheel built on an H100 without kernels for an A100. A visible GPU newer than this torch knows
+    is built for the newest it knows (torch clamps the same way), one older than it knows is left
+    out (nvcc would refuse it and take the CPU kernels down with the build). The newest arch also goes
+    in as PTX, which later GPUs compile when the extension loads.
+    """
+    known = sorted(
+        {(int(a[3:]) // 10, int(a[3:]) % 10) for a in torch_archs if a.startswith("sm_") and a[3:].isdigit()}
+    )
+    archs = set(ALWAYS_BUILT_ARCHS)
+    if known:
+        archs |= {min(tuple(c), known[-1]) for c in visible if tuple(c) >= known[0]}
+    return ";".join(f"{major}.{minor}" for major, minor in sorted(archs)) + "+PTX"
 
 
 def native_build():
@@ -41,7 +64,9 @@ def native_build():
     cxx = ["-O3", "-fopenmp", "-std=c++20"]  # OpenMP: at::parallel_for runs the CPU loops on every core
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("FASTAVG_NO_CUDA") != "1"
     if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            visible = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+            os.environ["TORCH_CUDA_ARCH_LIST"] = default_cuda_arch_list(visible, torch.cuda.get_arch_list())
         extension = CUDAExtension(
             "fastavg._C",
             CPU_SOURCES + CUDA_SOURCES,
@@ -53,5 +78,6 @@ def native_build():
     return [extension], {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
 
 
-ext_modules, cmdclass = native_build()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+if __name__ == "__main__":  # also under pip (setuptools runs this file as __main__); tests import the above
+    ext_modules, cmdclass = native_build()
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -64,7 +64,7 @@ def stand_in_for_the_gpu() -> None:
     """Route the Triton backend's launches through Triton's JIT with no GPU behind it."""
     driver.set_active(StandInDriver())
     triton_compiler.CompiledKernel._init_handles = _load_without_gpu
-    ops.backend_by_name("triton").unavailable = lambda device_type: None
+    ops.backend_by_name("triton").unavailable = lambda device: None
     cuda = types.SimpleNamespace(type="cuda", index=0)
     launch = table.launch
     update.launch = lambda kernel, work, device, *args, **meta: launch(kernel, work, cuda, *args, **meta)

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <string>
 
 #include "error_text.h"
 #include "ops_cuda.h"
@@ -166,7 +167,18 @@ int64_t set_bulk_rings(int64_t stage_kb) {
   return stage_kb == static_cast<int>(stage_kb) ? cuda::set_bulk_rings(static_cast<int>(stage_kb)) : -1;
 }
 
+// "" where the kernels run on CUDA device `device`, else CUDA's reason (ops_cuda.h). A string, not
+// an error: fastavg/native_backend.py turns it into the reason available_backends() gives.
+std::string kernels_missing(int64_t device) {
+  c10::DeviceGuard guard(at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(device)));
+  const char* why = cuda::kernels_missing();
+  return why == nullptr ? std::string() : std::string(why);
+}
+
 }  // namespace
+
+// Whether this build's CUDA kernels run on a device (not an op of fastavg/ops.py's SCHEMAS either).
+TORCH_LIBRARY(fastavg_native_cuda, m) { m.def("kernels_missing(int device) -> str", &kernels_missing); }
 
 // Tuning hooks for bench/kernel_sweep.py, not part of the ops (fastavg/ops.py's SCHEMAS): the
 // threads per block, the vectors per thread per pass, and the grid (one block per row or not) of later

@@ -56,13 +56,17 @@ std::atomic<int> block_threads{kDefaultThreads};
 std::atomic<int> unroll{kDefaultUnroll};
 
 // Ring-only updates (LAWA alone) through bulk_ring_kernel, the TMA's copies, in stages of this many
-// KB (set_bulk_rings), on GPUs of compute capability 9 and later; 0 (the default), and on other GPUs,
-// update_kernel as for the rest.
+// KB (set_bulk_rings), on GPUs of compute capability 9 and later where the stages fit (bulk_fits); 0
+// (the default), and on other GPUs, update_kernel as for the rest.
 std::atomic<int> bulk_stage_kb{0};
 
-bool has_tma(int device) {
-  int major = 0;
-  return cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 9;
+// The TMA is there from compute capability 9; the 4 stages must fit a block's shared memory (an RTX
+// 50x0, 12.0, opts in to 99 KB of it, under four 32 KB stages): otherwise update_kernel runs.
+bool bulk_fits(int device, size_t shared_bytes) {
+  int major = 0, shared_optin = 0;
+  return cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 9 &&
+         cudaDeviceGetAttribute(&shared_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) == cudaSuccess &&
+         size_t(shared_optin) >= shared_bytes;
 }
 
 constexpr const char* kUnsupportedPair =
@@ -79,10 +83,9 @@ const char* last_error() {
 const char* update(UpdateArgs args, Dtype param, Dtype average, int device, void* stream) {
   if (args.rows == 0 || args.n_averages + args.n_rings == 0) return nullptr;
   finish_update_args(args);
-  const int stage_kb = bulk_stage_kb.load();
-  if (args.n_averages == 0 && stage_kb > 0 && has_tma(device)) {
-    const unsigned stage_bytes = unsigned(stage_kb) * 1024;
-    const size_t shared_bytes = size_t(kBulkStages) * stage_bytes;
+  const unsigned stage_bytes = unsigned(bulk_stage_kb.load()) * 1024;
+  const size_t shared_bytes = size_t(kBulkStages) * stage_bytes;
+  if (args.n_averages == 0 && stage_bytes > 0 && bulk_fits(device, shared_bytes)) {
     dispatch(param, [&](auto p_tag) {
       using P = decltype(p_tag);
       with_count<1, kMaxRings>(args.n_rings, [&](auto nr) {
@@ -157,6 +160,15 @@ int set_bulk_rings(int stage_kb) {
     return -1;
   }
   return bulk_stage_kb.exchange(stage_kb);
+}
+
+const char* kernels_missing() {
+  // Every kernel of this file is in one fat binary, built for the same architectures: one asks for all.
+  cudaFuncAttributes attributes;
+  const cudaError_t error = cudaFuncGetAttributes(&attributes, ring_mean_kernel<float, float>);
+  if (error == cudaSuccess) return nullptr;
+  cudaGetLastError();  // not sticky; cleared so that no later launch check reports it
+  return cudaGetErrorString(error);
 }
 
 }  // namespace cuda

@@ -43,6 +43,9 @@ int set_block_per_row(int on);
 // (compute capability 9 and later), for tuning: 0, the default, off; else the KB of each of its 4
 // shared-memory stages, a power of two from 4 to 32. Returns the previous value, or -1 (unchanged).
 int set_bulk_rings(int stage_kb);
+// nullptr where this build's kernels run on the current device, else CUDA's reason: a build for
+// other architectures (no sm_ image for this GPU and no PTX it can compile) launches nothing there.
+const char* kernels_missing();
 
 }  // namespace cuda
 }  // namespace fastavg

@@ -200,7 +200,7 @@ def make_groups(params: list[torch.Tensor], names: list[str], dtype, backend: st
             [names[i] for i in index],
             index,
             dtype or default_average_dtype(param_dtype),
-            resolve_backend(backend, device.type),
+            resolve_backend(backend, device),
         )
         for (device, param_dtype), index in members.items()
     ]

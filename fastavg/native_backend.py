@@ -3,6 +3,8 @@ CUDA kernels for CUDA tensors, registered in C++ under torch.ops.fastavg_native.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .ops import SCHEMAS, Backend, add_backend
@@ -22,19 +24,37 @@ except ImportError as err:
     )
 
 
-def unavailable(device_type: str) -> str | None:
-    """None where the native backend runs on ``device_type`` tensors, else why not."""
+def unavailable(device: torch.device) -> str | None:
+    """None where the native backend runs on ``device``'s tensors (CUDA: that device, or the current one), else why not."""
     if MISSING:
         return MISSING
-    if device_type == "cpu":
+    if device.type == "cpu":
         return None
-    if device_type == "cuda":
+    if device.type == "cuda":
         if not torch.cuda.is_available():
             return "no CUDA device is available"
         if not torch._C._dispatch_has_kernel_for_dispatch_key("fastavg_native::update_", "CUDA"):
             return "fastavg._C was built without CUDA: rebuild where nvcc and a CUDA build of torch are present"
+        return kernels_missing(torch.cuda.current_device() if device.index is None else device.index)
+    return f"fastavg._C has no kernels for {device.type} tensors"
+
+
+@functools.cache
+def kernels_missing(device: int) -> str | None:
+    """None where fastavg._C's CUDA kernels run on CUDA device ``device``, else why not and how to fix it.
+
+    A build for other architectures (a wheel built for sm_80 and sm_90, on a B200) loads and registers
+    its ops, then fails at the first launch; asked here, "auto" takes another backend instead.
+    """
+    why = torch.ops.fastavg_native_cuda.kernels_missing(device)
+    if not why:
         return None
-    return f"fastavg._C has no kernels for {device_type} tensors"
+    major, minor = torch.cuda.get_device_capability(device)
+    return (
+        f"fastavg._C has no CUDA kernels for this GPU ({torch.cuda.get_device_name(device)}, compute capability "
+        f"{major}.{minor}; CUDA: {why}); rebuild it on this machine: "
+        f"`TORCH_CUDA_ARCH_LIST={major}.{minor} pip install --no-build-isolation .`"
+    )
 
 
 def _make_table(group) -> torch.Tensor:

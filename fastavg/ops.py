@@ -86,7 +86,9 @@ class Backend:
     name: str
     impls: dict[str, Callable]
     ops: dict[str, Callable]
-    unavailable: Callable[[str], str | None]  # device type -> None, or why the backend cannot run there
+    # A device (its type; native also asks its index, or the current device's) -> None, or why the
+    # backend cannot run there.
+    unavailable: Callable[[torch.device], str | None]
     make_table: Callable  # FlatGroup -> the table tensor its ops take (built once per group)
     speed_rank: dict[str, int] = field(default_factory=dict)  # device type -> rank; "auto" takes the highest
 
@@ -120,39 +122,40 @@ def backend_by_name(name: str) -> Backend:
     return _BACKENDS[name]
 
 
-def _device_type(device) -> str:
+def _as_device(device) -> torch.device:
     if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if isinstance(device, str):
-        return torch.device(device).type
-    if isinstance(device, torch.device):
-        return device.type
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device, (str, torch.device)):
+        return torch.device(device)
     raise TypeError(f"device must be None, a str or a torch.device, got {type(device).__name__}")
 
 
 def available_backends(device=None) -> dict[str, str | None]:
-    """For a device type (default: CUDA if available, else CPU): ``None`` per usable backend, else why not."""
-    device_type = _device_type(device)
+    """For a device (default: CUDA if available, else CPU): ``None`` per usable backend, else why not.
+
+    ``"cuda"`` with no index means the current CUDA device."""
+    device = _as_device(device)
     _load_backends()
     out = {}
     for name in BACKEND_NAMES:
         backend = _BACKENDS.get(name)
-        out[name] = "not registered" if backend is None else backend.unavailable(device_type)
+        out[name] = "not registered" if backend is None else backend.unavailable(device)
     return out
 
 
-def resolve_backend(name: str, device_type: str) -> Backend:
-    """The backend to run on ``device_type``: ``name`` itself, or the fastest available for "auto"."""
+def resolve_backend(name: str, device) -> Backend:
+    """The backend to run on ``device`` (a str or torch.device): ``name`` itself, or the fastest available for "auto"."""
     if not isinstance(name, str):
         raise TypeError(f"backend must be a str, got {type(name).__name__}")
     if name != "auto" and name not in BACKEND_NAMES:
         raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {list(BACKEND_NAMES)}")
-    reasons = available_backends(device_type)
+    device = _as_device(device)
+    reasons = available_backends(device)
     if name == "auto":
         usable = [_BACKENDS[n] for n, why in reasons.items() if why is None]
-        return max(usable, key=lambda b: b.speed_rank.get(device_type, 0))
+        return max(usable, key=lambda b: b.speed_rank.get(device.type, 0))
     if reasons[name] is not None:
-        raise RuntimeError(f"backend {name!r} is not available for {device_type} tensors: {reasons[name]}")
+        raise RuntimeError(f"backend {name!r} is not available for {device.type} tensors: {reasons[name]}")
     return _BACKENDS[name]
 
 

@@ -114,7 +114,7 @@ BACKEND = Backend(
     name="torch",
     impls=IMPLS,
     ops=register_python_ops(NAMESPACES["torch"], IMPLS),
-    unavailable=lambda device_type: None,
+    unavailable=lambda device: None,
     # The reference reads the parameters through the tensors themselves: no table.
     make_table=lambda group: torch.empty(0, dtype=torch.int64, device=group.device),
     speed_rank={"cpu": 0, "cuda": 0},

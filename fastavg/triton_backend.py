@@ -26,8 +26,9 @@ def _interpret_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-def unavailable(device_type: str) -> str | None:
-    """None where the Triton backend runs on ``device_type`` tensors, else why not."""
+def unavailable(device: torch.device) -> str | None:
+    """None where the Triton backend runs on ``device``'s tensors, else why not."""
+    device_type = device.type
     try:
         _kernels()
     except ImportError as err:

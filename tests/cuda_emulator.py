@@ -139,6 +139,6 @@ def backend(
         name="cuda-emulated",
         impls=impls,
         ops=impls,
-        unavailable=lambda device_type: None if device_type == "cpu" else "host memory only",
+        unavailable=lambda device: None if device.type == "cpu" else "host memory only",
         make_table=lambda group: build_table(group.flat_params),
     )

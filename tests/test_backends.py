@@ -1,9 +1,12 @@
 """available_backends() and backend selection."""
 
+import types
+
 import pytest
 import torch
 
 import fastavg
+from fastavg import native_backend
 from fastavg.ops import resolve_backend
 
 
@@ -32,3 +35,53 @@ def test_auto_picks_an_available_backend():
     avg = fastavg.Averager([torch.nn.Parameter(torch.zeros(2))], "ema")
     assert fastavg.available_backends("cpu")[avg.backends[0]] is None
     assert resolve_backend("auto", "cpu").name in fastavg.available_backends("cpu")
+
+
+@pytest.fixture
+def gpu_without_kernels(monkeypatch):
+    """A CUDA device, as the native backend sees it, on which fastavg._C's CUDA kernels do not run
+    (a build for sm_80 and sm_90 on a B200): the calls the build's check receives, by device."""
+    if native_backend.MISSING:
+        pytest.skip(native_backend.MISSING)
+    asked = []
+
+    def kernels_missing(device):
+        asked.append(device)
+        return "no kernel image is available for execution on the device"
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA B200")
+    has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
+    monkeypatch.setattr(
+        torch._C,
+        "_dispatch_has_kernel_for_dispatch_key",
+        lambda op, key: key == "CUDA" or has_kernel(op, key),
+    )
+    monkeypatch.setattr(
+        torch.ops, "fastavg_native_cuda", types.SimpleNamespace(kernels_missing=kernels_missing), raising=False
+    )
+    native_backend.kernels_missing.cache_clear()
+    yield asked
+    native_backend.kernels_missing.cache_clear()
+
+
+def test_native_cuda_build_for_other_gpus_is_unavailable_with_the_fix(gpu_without_kernels):
+    why = fastavg.available_backends("cuda")["native"]
+    assert why is not None and "NVIDIA B200" in why and "compute capability 10.0" in why
+    assert "no kernel image" in why and "TORCH_CUDA_ARCH_LIST=10.0 pip install --no-build-isolation ." in why
+    assert gpu_without_kernels == [3]  # "cuda": the current device
+    fastavg.available_backends(torch.device("cuda", 1))
+    assert gpu_without_kernels == [3, 1]
+    fastavg.available_backends("cuda:1")  # asked once per device
+    assert gpu_without_kernels == [3, 1]
+    assert resolve_backend("auto", "cuda").name != "native"
+    with pytest.raises(RuntimeError, match="no CUDA kernels for this GPU"):
+        resolve_backend("native", "cuda:1")
+
+
+def test_native_cuda_build_for_this_gpu_is_available(gpu_without_kernels, monkeypatch):
+    monkeypatch.setattr(torch.ops.fastavg_native_cuda, "kernels_missing", lambda device: "")
+    assert fastavg.available_backends("cuda")["native"] is None
+    assert resolve_backend("auto", "cuda").name == "native"

@@ -62,6 +62,17 @@ def test_auto_picks_the_fastest_cuda_backend():
     assert avg.backends == [max(CUDA_BACKENDS, key=["torch", "triton", "native"].index)]
 
 
+def test_native_cuda_kernels_run_on_every_visible_gpu():
+    """The build's own check (kernels_missing) says yes here, where its kernels launch: a false
+    "missing" would take native out of CUDA_BACKENDS and skip its GPU tests without a word."""
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("fastavg_native::update_", "CUDA"):
+        pytest.skip(fastavg.available_backends("cuda")["native"])
+    for device in range(torch.cuda.device_count()):
+        assert torch.ops.fastavg_native_cuda.kernels_missing(device) == ""
+        assert fastavg.available_backends(f"cuda:{device}")["native"] is None
+    assert "native" in CUDA_BACKENDS
+
+
 def test_no_host_sync_in_the_update_path(cuda_backend):
     params = [torch.nn.Parameter(torch.randn(1000, device="cuda").bfloat16()) for _ in range(4)]
     avg = fastavg.Averager(params, SPECS, backend=cuda_backend)

@@ -5,6 +5,7 @@ working compiler still installs fastavg and says why "native" is missing."""
 import os
 import pathlib
 import re
+import runpy
 import shutil
 import subprocess
 import sys
@@ -109,6 +110,29 @@ def test_error_messages_are_one_argument_each():
     assert list(_check_calls('TORCH_CHECK(f(a, b), text("x, y", n));')) == [
         ("TORCH_CHECK", ["f(a, b)", ' text("x, y", n)'])
     ]
+
+
+TORCH_CU130_ARCHS = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]  # torch 2.11+cu130's
+
+
+@pytest.mark.parametrize(
+    "visible, torch_archs, expected",
+    [
+        ([], [], "8.0;9.0+PTX"),  # no GPU where it is built: torch.cuda.get_arch_list() is empty then
+        ([(9, 0)], TORCH_CU130_ARCHS, "8.0;9.0+PTX"),
+        ([(8, 6), (8, 6)], TORCH_CU130_ARCHS, "8.0;8.6;9.0+PTX"),
+        ([(10, 0)], TORCH_CU130_ARCHS, "8.0;9.0;10.0+PTX"),  # numerically: "10.0" sorts before "8.0" as text
+        ([(12, 0), (9, 0)], TORCH_CU130_ARCHS, "8.0;9.0;12.0+PTX"),
+        ([(13, 0)], TORCH_CU130_ARCHS, "8.0;9.0;12.0+PTX"),  # newer than this torch knows: its newest
+        ([(7, 0)], TORCH_CU130_ARCHS, "8.0;9.0+PTX"),  # older than it knows: nvcc would refuse it
+        ([(7, 5)], TORCH_CU130_ARCHS + ["sm_90a"], "7.5;8.0;9.0+PTX"),
+    ],
+)
+def test_default_cuda_arch_list_covers_the_gpus_here_and_later_ones(visible, torch_archs, expected):
+    """setup.py's TORCH_CUDA_ARCH_LIST when none is set. It was a fixed "8.0;9.0": a B200 (10.0) that
+    built fastavg got no kernels for itself, and every native update there failed."""
+    setup = runpy.run_path(str(ROOT / "setup.py"), run_name="setup_under_test")  # defines, does not build
+    assert setup["default_cuda_arch_list"](visible, torch_archs) == expected
 
 
 def test_sdist_carries_every_native_source(tmp_path):

@@ -77,7 +77,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_backends(requested, device: torch.device) -> list[str]:
-    available = fastavg.available_backends(device.type)
+    available = fastavg.available_backends(device)
     if requested is None:
         usable = [name for name, why in available.items() if why is None]
         # The Triton interpreter is for tests: minutes per update at benchmark sizes.
