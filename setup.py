@@ -51,30 +51,45 @@ def native_build():
         print(f"fastavg: torch is not importable ({err}); building without the native extension", file=sys.stderr)
         return [], {}
 
+    cxx = ["-O3", "-fopenmp", "-std=c++20"]  # OpenMP: at::parallel_for runs the CPU loops on every core
+    cpu_only = CppExtension("fastavg._C", CPU_SOURCES, extra_compile_args=cxx, extra_link_args=["-fopenmp"])
+
     class OptionalBuildExtension(BuildExtension):
-        """BuildExtension that warns instead of failing: the package works without fastavg._C."""
+        """BuildExtension that warns instead of failing: the package works without fastavg._C.
+
+        A failed CUDA build (an nvcc of another CUDA version than torch's, which torch refuses; an arch
+        that nvcc does not know) builds the CPU kernels alone: native still runs CPU tensors, and
+        available_backends() says why it has no CUDA kernels."""
 
         def run(self):
+            options = self.compiler, self.inplace  # run() replaces both while it runs: restored for a retry
             try:
                 super().run()
             except Exception as err:  # no compiler, a broken toolchain: install the Python package anyway
-                print(f"fastavg: WARNING: the native extension was not built ({err}); "
-                      "the torch and triton backends still work", file=sys.stderr)  # fmt: skip
+                (extension,) = self.extensions
+                if extension.sources == cpu_only.sources:
+                    print(f"fastavg: WARNING: the native extension was not built ({err}); "
+                          "the torch and triton backends still work", file=sys.stderr)  # fmt: skip
+                    return
+                print(f"fastavg: WARNING: the CUDA kernels were not built ({err}); building the CPU kernels alone",
+                      file=sys.stderr)  # fmt: skip
+                # The same Extension, made the CPU one: it keeps the build state setuptools gave it.
+                vars(extension).update({k: v for k, v in vars(cpu_only).items() if not k.startswith("_")})
+                self.compiler, self.inplace = options
+                self.run()
 
-    cxx = ["-O3", "-fopenmp", "-std=c++20"]  # OpenMP: at::parallel_for runs the CPU loops on every core
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("FASTAVG_NO_CUDA") != "1"
-    if with_cuda:
-        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-            visible = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
-            os.environ["TORCH_CUDA_ARCH_LIST"] = default_cuda_arch_list(visible, torch.cuda.get_arch_list())
-        extension = CUDAExtension(
-            "fastavg._C",
-            CPU_SOURCES + CUDA_SOURCES,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]},
-            extra_link_args=["-fopenmp"],
-        )
-    else:
-        extension = CppExtension("fastavg._C", CPU_SOURCES, extra_compile_args=cxx, extra_link_args=["-fopenmp"])
+    if not with_cuda:
+        return [cpu_only], {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        visible = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+        os.environ["TORCH_CUDA_ARCH_LIST"] = default_cuda_arch_list(visible, torch.cuda.get_arch_list())
+    extension = CUDAExtension(
+        "fastavg._C",
+        CPU_SOURCES + CUDA_SOURCES,
+        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]},
+        extra_link_args=["-fopenmp"],
+    )
     return [extension], {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
 
 

@@ -176,6 +176,44 @@ def test_install_without_a_working_compiler_succeeds(tmp_path):
     assert "fastavg/__init__.py" in names and not any(n.startswith("fastavg/_C") for n in names)
 
 
+def test_failed_cuda_build_still_builds_the_cpu_kernels(tmp_path):
+    """A CUDA build that fails (here: torch made to look like a CUDA build, with no nvcc where CUDA_HOME
+    points) builds the CPU kernels alone, in place, instead of leaving native out on every device."""
+    source = tmp_path / "src"
+    shutil.copytree(
+        ROOT, source, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.so", "runs", "__pycache__")
+    )
+    build = (
+        "import runpy, sys, torch, torch.utils.cpp_extension as cpp_extension\n"
+        "torch.version.cuda, cpp_extension.CUDA_HOME = '13.0', '/no-such-cuda'\n"
+        "sys.argv = ['setup.py', 'build_ext', '--inplace']\n"
+        "runpy.run_path('setup.py', run_name='__main__')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCH_CUDA_ARCH_LIST", "FASTAVG_NO_NATIVE")}
+    result = subprocess.run(
+        [sys.executable, "-c", build], cwd=source, capture_output=True, text=True, timeout=900, env=env
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "the CUDA kernels were not built" in result.stderr and "building the CPU kernels alone" in result.stderr
+    assert "the native extension was not built" not in result.stderr
+    check = (
+        "import fastavg, torch\n"
+        "from fastavg import _C\n"  # the editable install's finder would find the checkout's _C otherwise
+        "assert _C.__file__.startswith(sys.argv[1]), _C.__file__\n"
+        "assert fastavg.available_backends('cpu')['native'] is None\n"
+        "assert not torch._C._dispatch_has_kernel_for_dispatch_key('fastavg_native::update_', 'CUDA')\n"
+        "print('ok')"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys\n" + check, str(source)],
+        cwd=source,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
 def test_missing_extension_is_explained():
     code = (
         "import sys; sys.modules['fastavg._C'] = None\n"  # as if the build had been skipped
