@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 
 import torch
 
@@ -22,6 +23,22 @@ def _kernels():
     return kernels
 
 
+# The oldest Triton that compiles every kernel of kernels/: 3.0 and 3.1 (torch 2.4 and 2.5 pin them)
+# reject them ("element_ty is a constexpr"), and the first launch would fail; 3.2 compiles them all.
+MIN_TRITON = (3, 2)
+
+
+def _too_old(version: str) -> str | None:
+    numbers = re.match(r"(\d+)\.(\d+)", version)
+    if numbers is None or tuple(map(int, numbers.groups())) >= MIN_TRITON:
+        return None
+    return (
+        f"fastavg's Triton kernels need triton >= {MIN_TRITON[0]}.{MIN_TRITON[1]} and this is triton {version}, "
+        "with which they do not compile (torch 2.4 and 2.5 come with triton 3.0 and 3.1; torch >= 2.6 with one that "
+        "compiles them); the native and torch backends do not need Triton"
+    )
+
+
 def _interpret_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
@@ -30,11 +47,18 @@ def unavailable(device: torch.device) -> str | None:
     """None where the Triton backend runs on ``device``'s tensors, else why not."""
     device_type = device.type
     try:
-        _kernels()
+        import triton
     except ImportError as err:
         return (
             f"Triton is not installed ({err}); `pip install triton` (CUDA) or run CPU tensors under TRITON_INTERPRET=1"
         )
+    too_old = _too_old(triton.__version__)
+    if too_old:
+        return too_old
+    try:
+        _kernels()
+    except ImportError as err:
+        return f"fastavg's Triton kernels do not import with triton {triton.__version__} ({err})"
     from .kernels.table import INTERPRET
 
     if device_type == "cuda":

@@ -1,4 +1,4 @@
-"""Triton 3.6's CPU interpreter under numpy >= 2.4: scalars such as ``tl.program_id(0)`` are
+"""Triton's CPU interpreter (3.2 to 3.6) under numpy >= 2.4: scalars such as ``tl.program_id(0)`` are
 1-element arrays there, and ``range()`` over them calls ``int(array)``, which numpy 2.4 made a
 TypeError ("only 0-dimensional arrays can be converted to Python scalars"). Newer Tritons squeeze
 the array first (triton-lang/triton#9171); this applies the same one-line fix where it is missing.
@@ -25,9 +25,15 @@ def apply() -> bool:
     except (OSError, TypeError):
         pass  # no source to read: the patch is harmless where the fix exists
 
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+    def patched(tensor, *scope):
+        # Triton 3.6 sets the class's attributes through a scope object; 3.2 to 3.5 take no scope and
+        # set them on the class directly (the same int() inside, the same TypeError).
+        original(tensor, *scope)
+        index = lambda self: int(self.handle.data.squeeze())  # noqa: E731
+        if scope:
+            scope[0].set_attr(tensor, "__index__", index)
+        else:
+            tensor.__index__ = index
 
     patched._fastavg_fixed = True
     interpreter._patch_lang_tensor = patched

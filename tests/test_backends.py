@@ -85,3 +85,22 @@ def test_native_cuda_build_for_this_gpu_is_available(gpu_without_kernels, monkey
     monkeypatch.setattr(torch.ops.fastavg_native_cuda, "kernels_missing", lambda device: "")
     assert fastavg.available_backends("cuda")["native"] is None
     assert resolve_backend("auto", "cuda").name == "native"
+
+
+@pytest.mark.parametrize(
+    "version, too_old",
+    [("3.0.0", True), ("3.1.0+git1a2b", True), ("3.2.0", False), ("3.10.1", False), ("4.0", False), ("dev", False)],
+)
+def test_triton_too_old_to_compile_the_kernels_is_unavailable(monkeypatch, version, too_old):
+    """torch 2.4 and 2.5 pin triton 3.0 and 3.1, which reject the kernels at their first launch
+    (checked by hand: CompilationError "element_ty is a constexpr"): "auto" must not take Triton there."""
+    pytest.importorskip("triton")
+    import triton
+
+    monkeypatch.setattr(triton, "__version__", version)
+    why = fastavg.available_backends("cpu")["triton"]
+    if too_old:
+        assert why is not None and ">= 3.2" in why and f"triton {version}" in why
+        assert resolve_backend("auto", "cpu").name != "triton"
+    else:
+        assert why is None or ">= 3.2" not in why

@@ -92,6 +92,23 @@ def test_interpreter_fix_squeezes_one_element_arrays(monkeypatch):
     assert not interpreter_fix.apply()  # applied once
 
 
+def test_interpreter_fix_squeezes_under_tritons_before_3_6(monkeypatch):
+    """Triton 3.2 to 3.5 (torch 2.6 to 2.10) patch the tensor class with no scope argument."""
+    from triton.runtime import interpreter
+
+    def unfixed(tensor):  # the code of Triton 3.5
+        tensor.__index__ = lambda self: int(self.handle.data)
+
+    class Tensor:
+        def __init__(self, data):
+            self.handle = types.SimpleNamespace(data=data)
+
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", unfixed)
+    assert interpreter_fix.apply()
+    interpreter._patch_lang_tensor(Tensor)
+    assert range(Tensor(np.array([2], dtype=np.int32)), 9, Tensor(np.array([3])))[-1] == 8
+
+
 def test_interpreter_fix_leaves_a_fixed_triton_alone(monkeypatch):
     from triton.runtime import interpreter
 
@@ -211,7 +228,9 @@ def test_programs_walk_many_rows(monkeypatch):
     if not table.INTERPRET:
         pytest.skip("the interpreter's grid is the one patched here")
 
-    def two_programs(kernel, work_items, device, *args, **meta):
+    def two_programs(
+        kernel, work_items, device, *args, grid_key=None, **meta
+    ):  # grid_key is launch()'s, not the kernel's
         kernel[(table.balanced_grid(work_items, 2),)](*args, **meta)
 
     sizes, n = [2 * CHUNK + 3, 5, CHUNK + 1], 3 * CHUNK + 9
