@@ -312,7 +312,7 @@ def test_triton_launch_costs_time_both_update_kernels(monkeypatch, capsys):
 def test_triton_host_cost_runs_the_jit_path_without_a_gpu():
     """bench/triton_host_cost.py: Triton's real launch path behind a stand-in driver, every row
     timed (its own process: it compiles, and it replaces the driver)."""
-    pytest.importorskip("triton")
+    pytest.importorskip("triton", minversion="3.2")  # fastavg.triton_backend.MIN_TRITON
     import pathlib
     import subprocess
     import sys

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("triton")
+pytest.importorskip("triton", minversion="3.2")  # fastavg.triton_backend.MIN_TRITON
 import triton.language as tl  # noqa: E402
 from fastavg.kernels import interpreter_fix, ring_mean, swap, table, update  # noqa: E402
 from test_ops import TOL, _bind, _params, _randn  # noqa: E402

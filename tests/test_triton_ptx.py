@@ -1,6 +1,7 @@
 """Every Triton kernel compiles for sm_80 and sm_90 here (no GPU needed), and its aligned paths
 use 16-byte vector loads and stores while the masked paths (misaligned rows, tails) stay scalar."""
 
+import inspect
 import os
 import re
 import subprocess
@@ -10,7 +11,7 @@ from collections import Counter
 import pytest
 import torch
 
-triton = pytest.importorskip("triton")
+triton = pytest.importorskip("triton", minversion="3.2")  # fastavg.triton_backend.MIN_TRITON
 tl = pytest.importorskip("triton.language")
 from fastavg.kernels import ring_mean, swap, update  # noqa: E402
 from fastavg.kernels.table import FP_FUSION, INTERPRET, NUM_WARPS  # noqa: E402
@@ -44,8 +45,14 @@ def _compile(fn, signature: dict, constexprs: dict, arch: int):
     aligned = {
         (i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if signature[n].startswith("*") or n == "stride"
     }
-    full = dict(signature, **{k: "constexpr" for k in constexprs})
-    source = ASTSource(fn=fn, signature=full, constexprs=constexprs, attrs=aligned)
+    if "constants" in inspect.signature(ASTSource).parameters:  # Triton 3.2 (torch 2.6): its own arguments
+        from triton.backends.compiler import AttrsDescriptor
+
+        hints = {i: 16 for (i,) in aligned}
+        source = ASTSource(fn=fn, signature=signature, constants=constexprs, attrs=AttrsDescriptor.from_hints(hints))
+    else:
+        full = dict(signature, **{k: "constexpr" for k in constexprs})
+        source = ASTSource(fn=fn, signature=full, constexprs=constexprs, attrs=aligned)
     options = {"num_warps": NUM_WARPS, "enable_fp_fusion": FP_FUSION}  # as the launches pass them
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
     assert f".target sm_{arch}" in compiled.asm["ptx"]
