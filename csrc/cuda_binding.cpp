@@ -1,10 +1,18 @@
 // Binds the CUDA launchers (ops_cuda.cu) to torch as TORCH_LIBRARY_IMPL(fastavg_native, CUDA).
 // The current stream and device come through the generic c10 API (no c10/cuda or ATen/cuda
-// headers), so this file compiles against a CPU build of torch too (CI does that).
+// headers, from torch 2.11 on), so this file compiles against a CPU build of torch too (CI does that).
 #include <ATen/core/Tensor.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
 #include <torch/library.h>
+#include <torch/version.h>
+
+// c10::Stream::native_handle() came with torch 2.11. Before it, the stream comes from c10/cuda, whose
+// headers need CUDA's: a CUDA build has them (CI compiles this file against a CPU torch >= 2.11).
+#if TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR < 11
+#include <c10/cuda/CUDAStream.h>
+#define FASTAVG_STREAM_FROM_C10_CUDA
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -27,7 +35,11 @@ cuda::Dtype code(at::ScalarType type) {
 }
 
 void* current_stream(const at::Device& device) {
+#ifdef FASTAVG_STREAM_FROM_C10_CUDA
+  return c10::cuda::getCurrentCUDAStream(device.index()).stream();
+#else
   return c10::impl::VirtualGuardImpl(device.type()).getStream(device).native_handle();
+#endif
 }
 
 bool aligned16(const void* pointer) { return reinterpret_cast<std::uintptr_t>(pointer) % 16 == 0; }
