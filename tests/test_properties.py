@@ -14,7 +14,9 @@ schedule = dict(every=st.integers(1, 4), start=st.integers(0, 5))
 specs = st.one_of(
     st.builds(
         fastavg.EMA,
-        decay=st.floats(0, 0.99),
+        # No subnormal decays (meaningless, and hypothesis refuses them once a library has set the
+        # process to flush subnormals: torch 2.4 and 2.5's compiled CPU kernels, -ffast-math, do).
+        decay=st.floats(0, 0.99, allow_subnormal=False),
         power=st.none() | st.floats(0.1, 2),
         inv_gamma=st.floats(0.5, 4),
         **schedule,
