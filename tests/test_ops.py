@@ -257,8 +257,13 @@ def _samples(backend, dev):
 
 
 @pytest.mark.parametrize("op", list(ops.SCHEMAS))
-def test_opcheck(op, target):
+def test_opcheck(op, target, request):
     backend, dev = target
+    writes_a_list = "!)[]" in ops.SCHEMAS[op]  # Tensor(a!)[]
+    if writes_a_list and tuple(map(int, torch.__version__.split(".")[:2])) < (2, 5):
+        request.applymarker(
+            pytest.mark.xfail(strict=True, reason="torch 2.4 cannot functionalise a custom op that writes a Tensor[]")
+        )
     torch.library.opcheck(resolve_backend(backend, dev).ops[op], _samples(backend, dev)[op])
 
 
