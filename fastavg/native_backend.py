@@ -46,7 +46,10 @@ def kernels_missing(device: int) -> str | None:
     A build for other architectures (a wheel built for sm_80 and sm_90, on a B200) loads and registers
     its ops, then fails at the first launch; asked here, "auto" takes another backend instead.
     """
-    why = torch.ops.fastavg_native_cuda.kernels_missing(device)
+    try:
+        why = torch.ops.fastavg_native_cuda.kernels_missing(device)
+    except RuntimeError as err:  # a device that cannot be selected: whatever failed here fails a launch too
+        return f"fastavg._C could not check its CUDA kernels on CUDA device {device} ({err})"
     if not why:
         return None
     major, minor = torch.cuda.get_device_capability(device)

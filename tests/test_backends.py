@@ -81,6 +81,16 @@ def test_native_cuda_build_for_other_gpus_is_unavailable_with_the_fix(gpu_withou
         resolve_backend("native", "cuda:1")
 
 
+def test_native_cuda_check_that_fails_is_a_reason_not_an_error(gpu_without_kernels, monkeypatch):
+    def fails(device):
+        raise RuntimeError("CUDA error: invalid device ordinal")
+
+    monkeypatch.setattr(torch.ops.fastavg_native_cuda, "kernels_missing", fails)
+    why = fastavg.available_backends("cuda:7")["native"]
+    assert "could not check its CUDA kernels on CUDA device 7" in why and "invalid device ordinal" in why
+    assert resolve_backend("auto", "cuda:7").name != "native"
+
+
 def test_native_cuda_build_for_this_gpu_is_available(gpu_without_kernels, monkeypatch):
     monkeypatch.setattr(torch.ops.fastavg_native_cuda, "kernels_missing", lambda device: "")
     assert fastavg.available_backends("cuda")["native"] is None
