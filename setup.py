@@ -78,9 +78,10 @@ def native_build():
                 self.compiler, self.inplace = options
                 self.run()
 
+    cmdclass = {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("FASTAVG_NO_CUDA") != "1"
     if not with_cuda:
-        return [cpu_only], {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
+        return [cpu_only], cmdclass
     if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         visible = [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
         os.environ["TORCH_CUDA_ARCH_LIST"] = default_cuda_arch_list(visible, torch.cuda.get_arch_list())
@@ -90,7 +91,7 @@ def native_build():
         extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]},
         extra_link_args=["-fopenmp"],
     )
-    return [extension], {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
+    return [extension], cmdclass
 
 
 if __name__ == "__main__":  # also under pip (setuptools runs this file as __main__); tests import the above
