@@ -25,3 +25,9 @@ def run(averager: fastavg.Averager, params: list[torch.Tensor], steps: int, seed
             if spec.is_due(averager.step_count):
                 snapshots[name].append([p.detach().clone() for p in params])
     return snapshots
+
+
+def torch_version() -> tuple[int, int]:
+    """The installed torch's (major, minor), for checks that differ across the supported range."""
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)

@@ -14,6 +14,7 @@ import tarfile
 
 import pytest
 import torch.utils.cpp_extension as cpp_extension
+from helpers import torch_version
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
@@ -58,13 +59,6 @@ def test_cuda_object_builds_for_both_archs(tmp_path):
                "arch=compute_90,code=sm_90", "-I", str(CSRC), str(CSRC / "ops_cuda.cu"), "-o", str(tmp_path / "k.o")]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-
-
-def torch_version() -> tuple[int, int]:
-    import torch
-
-    major, minor = torch.__version__.split(".")[:2]
-    return int(major), int(minor)
 
 
 def test_cuda_binding_compiles_against_this_torch(tmp_path):

@@ -4,6 +4,7 @@ run here; the same tests run on CUDA tensors for the CUDA backends where a GPU e
 
 import pytest
 import torch
+from helpers import torch_version
 
 from fastavg import ops
 from fastavg.flat import FlatGroup, memory_view
@@ -260,7 +261,7 @@ def _samples(backend, dev):
 def test_opcheck(op, target, request):
     backend, dev = target
     writes_a_list = "!)[]" in ops.SCHEMAS[op]  # Tensor(a!)[]
-    if writes_a_list and tuple(map(int, torch.__version__.split(".")[:2])) < (2, 5):
+    if writes_a_list and torch_version() < (2, 5):
         request.applymarker(
             pytest.mark.xfail(strict=True, reason="torch 2.4 cannot functionalise a custom op that writes a Tensor[]")
         )
