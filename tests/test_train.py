@@ -166,12 +166,51 @@ def test_two_process_ddp_run(tmp_path, text_file):
         (["--lr", "1e-3", "--standard-lr"], "one"),
         (["--ema-decay", "1.5"], "ema-decay"),
         (["--resume", "--out", "/tmp/fastavg-no-such-run"], "no checkpoint"),
+        # The default EMA decay divides by these two: checked before it is worked out.
+        (["--lawa-window", "0"], "--lawa-window must be >= 1"),
+        (["--eval-interval", "0"], "--eval-interval must be >= 1"),
+        (["--lr", "nan"], "--lr must be > 0"),
+        (["--lr", "inf"], "--lr must be > 0 and finite"),
+        (["--weight-decay", "-0.1"], "--weight-decay must be >= 0"),
+        (["--min-lr-ratio", "2"], "--min-lr-ratio must be in [0, 1]"),
+        (["--device", "tpu"], "--device must be"),
+        (["--backend", "fast"], "invalid choice"),
     ],
 )
 def test_bad_options_fail_before_any_work(argv, message, capsys):
     with pytest.raises(SystemExit):
         cli.parse_args(argv)
     assert message in capsys.readouterr().err
+
+
+def test_resume_refuses_a_checkpoint_it_cannot_load_and_warns_of_other_options(tmp_path, text_file, capsys):
+    loop.train(_args(tmp_path, text_file, "--steps", "10"))
+    ckpt = tmp_path / "run" / "ckpt.pt"
+    saved = ckpt.read_bytes()
+    for option, value, said in (("--lawa-window", "3", "--lawa-window 5 (now 3)"), ("--block-size", "16", "--block-size 32 (now 16)"),
+                                ("--averages", "ema", "--averages ['ema', 'lawa', 'swa'] (now ['ema'])")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            _args(tmp_path, text_file, "--resume", option, value)
+        assert said in capsys.readouterr().err
+    # Another order of the same averages, a longer run and another learning rate resume, with a warning.
+    args = _args(tmp_path, text_file, "--resume", "--steps", "20", "--lr", "1e-3", "--averages", "lawa", "swa", "ema")
+    assert "--steps 10 -> 20, --lr 0.01 -> 0.001" in capsys.readouterr().err
+    assert ckpt.read_bytes() == saved  # nothing was overwritten by the refused resumes
+    loop.train(args)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [10, 20]
+    ckpt.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit):
+        _args(tmp_path, text_file, "--resume")
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_an_unavailable_backend_is_refused_before_any_work(tmp_path, text_file, monkeypatch):
+    reasons = {"torch": None, "triton": "no Triton here", "native": None}
+    monkeypatch.setattr(loop.fastavg, "available_backends", lambda device=None: reasons)
+    with pytest.raises(SystemExit, match="--backend triton cannot run on cpu: no Triton here"):
+        loop.train(_args(tmp_path, text_file, "--backend", "triton", "--device", "cpu"))
+    assert not (tmp_path / "run").exists()
 
 
 def test_batch_larger_than_the_data_is_refused(tmp_path):

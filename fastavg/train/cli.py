@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+
+import torch
 
 from .model import HIGH_LR, PRESETS, STANDARD_LR
 
@@ -42,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--lawa-every", type=int, default=None, help="LAWA/SWA: steps between checkpoints (default: the eval interval)"
     )
-    p.add_argument("--backend", default="auto", help="fastavg backend: auto, torch, triton, native")
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "native"), help="fastavg backend")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--seed", type=int, default=1337)
@@ -75,9 +78,6 @@ def fill_defaults_and_check(args: argparse.Namespace) -> None:
         raise ValueError("--lr and --standard-lr together: give one")
     if args.lawa_every is None:
         args.lawa_every = args.eval_interval
-    if args.ema_decay is None:
-        # A rule fixed before any result: EMA's horizon 1/(1-d) equals the steps LAWA's window spans.
-        args.ema_decay = 1 - 1 / (args.lawa_window * args.lawa_every)
     unknown = [a for a in args.averages if a not in AVERAGES]
     if unknown:
         raise ValueError(f"unknown average(s) {unknown}; expected some of {list(AVERAGES)}")
@@ -86,18 +86,74 @@ def fill_defaults_and_check(args: argparse.Namespace) -> None:
     for name in ("steps", "batch_size", "grad_accum", "eval_interval", "eval_batches", "lawa_window", "lawa_every"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.ema_decay is None:  # after the checks above: it divides by the window and the interval
+        # A rule fixed before any result: EMA's horizon 1/(1-d) equals the steps LAWA's window spans.
+        args.ema_decay = 1 - 1 / (args.lawa_window * args.lawa_every)
     if args.block_size is not None and args.block_size < 1:
         raise ValueError(f"--block-size must be >= 1, got {args.block_size}")
     if args.block_size is not None and args.block_size > PRESETS[args.preset]["block_size"]:
         raise ValueError(f"--block-size {args.block_size} is longer than {args.preset}'s context")
-    if args.warmup < 0 or not args.lr > 0 or not 0 <= args.min_lr_ratio <= 1 or args.clip < 0:
-        raise ValueError("--warmup >= 0, --lr > 0, 0 <= --min-lr-ratio <= 1 and --clip >= 0 are required")
+    # `not x >= 0` rather than `x < 0`: NaN fails these too.
+    for option, value, allowed in (("--warmup", args.warmup, args.warmup >= 0), ("--lr", args.lr, 0 < args.lr < float("inf")),
+                                   ("--min-lr-ratio", args.min_lr_ratio, 0 <= args.min_lr_ratio <= 1),
+                                   ("--weight-decay", args.weight_decay, args.weight_decay >= 0),
+                                   ("--clip", args.clip, args.clip >= 0)):  # fmt: skip
+        if not allowed:
+            rule = {"--lr": "> 0 and finite", "--min-lr-ratio": "in [0, 1]"}.get(option, ">= 0")
+            raise ValueError(f"{option} must be {rule}, got {value}")
     if not 0 <= args.ema_decay < 1:
         raise ValueError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
-    if args.resume and not os.path.exists(os.path.join(args.out, "ckpt.pt")):
-        raise ValueError(f"--resume: no checkpoint at {os.path.join(args.out, 'ckpt.pt')}")
+    if args.device != "auto":
+        try:
+            device_type = torch.device(args.device).type
+        except RuntimeError:
+            device_type = None
+        if device_type not in ("cpu", "cuda"):
+            raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
     if args.data is not None and not os.path.exists(args.data):
         raise ValueError(f"--data {args.data!r} does not exist")
+    if args.resume:
+        check_resume(args)
+
+
+# What a checkpoint's tensors are shaped by: a resume with another value could not load it.
+RESUME_MUST_MATCH = ("preset", "block_size", "averages", "lawa_window")
+# How a run is carried out, not what it computes: free to change on resume.
+RESUME_FREE = ("out", "resume", "no_progress", "cache_dir", "backend", "device", "compile")
+
+
+def check_resume(args: argparse.Namespace) -> None:
+    """Refuse a resume whose options cannot load OUT/ckpt.pt (ValueError naming each); warn of
+    every other option that differs from the checkpoint's, since it changes the rest of the run."""
+    path = os.path.join(args.out, "ckpt.pt")
+    if not os.path.exists(path):
+        raise ValueError(f"--resume: no checkpoint at {path}")
+    try:  # mmap: only the options are read here, not the weights
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["args"]
+    except Exception as err:  # a truncated or foreign file: say so before anything is overwritten
+        raise ValueError(f"--resume: cannot read {path} as a fastavg-train checkpoint ({err})") from None
+
+    def comparable(options: dict, name: str):
+        value = options.get(name)
+        if name == "block_size" and value is None:
+            value = PRESETS[options.get("preset", "nano")]["block_size"]
+        return sorted(value) if name == "averages" else value
+
+    def differs(name: str) -> bool:
+        return comparable(saved, name) != comparable(vars(args), name)
+
+    def option(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    clashes = [f"{option(n)} {comparable(saved, n)} (now {comparable(vars(args), n)})"
+               for n in RESUME_MUST_MATCH if differs(n)]  # fmt: skip
+    if clashes:
+        raise ValueError(f"--resume: {path} was made with " + ", ".join(clashes) + "; give the same to resume it")
+    changed = [f"{option(n)} {saved[n]} -> {getattr(args, n)}"
+               for n in saved if n in vars(args) and n not in RESUME_FREE + RESUME_MUST_MATCH and differs(n)]  # fmt: skip
+    if changed:
+        print(f"fastavg-train: warning: resuming with options other than the checkpoint's: {', '.join(changed)}",
+              file=sys.stderr)  # fmt: skip
 
 
 def main(argv=None) -> None:

@@ -78,6 +78,9 @@ def _rng_state(device) -> dict:
 def train(args) -> dict:
     """Run ``fastavg-train``; returns the last evaluation's record."""
     rank, world, device = _setup_distributed(args)
+    unavailable = args.backend != "auto" and fastavg.available_backends(device)[args.backend]
+    if unavailable:
+        raise SystemExit(f"fastavg-train: --backend {args.backend} cannot run on {device}: {unavailable}")
     try:
         corpus = load_corpus(args.data, args.cache_dir)
         config = config_for(args.preset, corpus.vocab_size, args.block_size)
@@ -113,7 +116,9 @@ def train(args) -> dict:
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         start = ckpt["step"]
         if rank == 0:  # keep the evaluations up to the checkpoint, drop any made after it
-            kept = [line for line in open(metrics_path) if json.loads(line)["step"] <= start]
+            kept = []
+            if os.path.exists(metrics_path):
+                kept = [line for line in open(metrics_path) if json.loads(line)["step"] <= start]
             open(metrics_path, "w").writelines(kept)
     elif rank == 0:
         open(metrics_path, "w").close()
