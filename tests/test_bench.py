@@ -189,6 +189,32 @@ def test_bad_options_get_clear_errors(argv, message):
     assert message in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--json", "/no/such/folder/b.json"], "--json /no/such/folder/b.json: there is no folder /no/such/folder"),
+        (["--csv", "/no/such/folder/b.csv"], "--csv /no/such/folder/b.csv: there is no folder"),
+        (["--plot", "/no/such/folder/b.png"], "--plot /no/such/folder/b.png: there is no folder"),
+        (["--train-step", "--csv", "b.csv"], "--train-step writes its records to --json only"),
+    ],
+)
+def test_an_output_it_could_not_write_is_refused_before_anything_is_timed(argv, message, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "copy_bandwidth_gbps", lambda *a: pytest.fail("timed before the options were checked"))
+    with pytest.raises(SystemExit):
+        cli.main(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_a_plot_without_matplotlib_is_refused_before_anything_is_timed(capsys, monkeypatch, tmp_path):
+    real_find_spec = cli.importlib.util.find_spec
+    monkeypatch.setattr(
+        cli.importlib.util, "find_spec", lambda name: None if name == "matplotlib" else real_find_spec(name)
+    )
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--plot", str(tmp_path / "b.png")])
+    assert "--plot needs matplotlib" in capsys.readouterr().err
+
+
 def test_unknown_backend_or_update_is_refused(capsys):
     for argv in (["--backends", "cuda"], ["--update", "polyak"]):
         with pytest.raises(SystemExit):

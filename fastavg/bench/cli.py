@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import importlib.util
+import os
 import platform
 
 import torch
@@ -58,7 +60,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--json", help="write the records as JSON here")
     parser.add_argument("--csv", help="write the records as CSV here")
     parser.add_argument("--plot", help="write a bar chart (PNG) here")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_outputs(parser, args)
+    return args
+
+
+def check_outputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, before anything is timed, an output the run could not write at its end."""
+    for option in ("json", "csv", "plot"):
+        path = getattr(args, option)
+        if path is None:
+            continue
+        if args.train_step and option != "json":
+            parser.error(f"--{option}: --train-step writes its records to --json only")
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            parser.error(f"--{option} {path}: there is no folder {folder}")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        parser.error("--plot needs matplotlib: pip install matplotlib")
 
 
 def resolve_device(name: str) -> torch.device:
