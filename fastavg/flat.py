@@ -71,6 +71,20 @@ def collect_params(params) -> tuple[list[torch.Tensor], list[str]]:
 
 
 def _check_param(name: str, p: torch.Tensor) -> None:
+    if type(p).__torch_dispatch__ is not torch.Tensor.__torch_dispatch__:
+        # A subclass that redirects every operation (DTensor, quantised tensors) has no memory of
+        # its own elements for a kernel to address: its data_ptr() is 0 and as_strided fails.
+        kind = type(p).__name__
+        if kind == "DTensor":
+            raise TypeError(
+                f"parameter {name!r} is a DTensor (FSDP2 or tensor parallelism); fastavg averages plain tensors. "
+                "Average each rank's shard instead: fastavg.Averager([p.to_local() for p in model.parameters()], "
+                "...), with its step() after each optimizer step (README, 'Sharded parameters')"
+            )
+        raise TypeError(
+            f"parameter {name!r} is a {kind}, a tensor subclass that redirects its operations; fastavg "
+            "averages plain tensors in memory"
+        )
     if p.is_sparse or p.layout != torch.strided:
         raise ValueError(f"parameter {name!r} is sparse ({p.layout}); only dense tensors can be averaged")
     if not p.is_floating_point():
