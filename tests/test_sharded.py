@@ -33,9 +33,8 @@ def test_fsdp2_parameters_are_refused_and_the_per_shard_recipe_averages_the_whol
     if fastavg.available_backends("cpu")[backend] is not None:
         pytest.skip(fastavg.available_backends("cpu")[backend])
     worker = os.path.join(os.path.dirname(__file__), "fsdp2_worker.py")
-    port = str(29540 + ["torch", "native"].index(backend))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-               worker, backend]  # fmt: skip
+    # --standalone: a free port of its own, so runs side by side (pytest-xdist) cannot collide.
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", worker, backend]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
