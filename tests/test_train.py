@@ -141,7 +141,7 @@ def test_resume_after_an_interruption_is_bit_exact(tmp_path, text_file, monkeypa
 
 
 def test_two_process_ddp_run(tmp_path, text_file):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "fastavg.train", "--data", text_file, "--out", str(tmp_path / "ddp"), "--cache-dir",
                str(tmp_path / "cache"), "--steps", "10", "--eval-interval", "5", "--batch-size", "4",
                "--block-size", "32", "--eval-batches", "4", "--no-progress"]  # fmt: skip
