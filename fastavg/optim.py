@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 import warnings
 from collections import OrderedDict
 from itertools import chain
@@ -14,6 +15,7 @@ from . import state
 from .averager import Averager
 
 _AMP_ATTRS = ("grad_scale", "found_inf")
+_NO_TRAINING_STEP = object()  # AveragedOptimizer._due while torch.distributed.checkpoint makes the inner state
 
 
 def _hooked_step(step):
@@ -55,6 +57,24 @@ def _run_step_hooks(step, optimizer, args, kwargs):
     ):
         post_hook(optimizer, args, kwargs)
     return out
+
+
+def _making_optimizer_state() -> bool:
+    """Whether this ``step()`` is torch.distributed.checkpoint's ``_init_optim_state``: on an
+    optimizer with no state yet it sets every gradient to zeros and every learning rate to 0 and
+    calls ``step()`` once, only so that the inner optimizer creates its state before a save or load.
+    No training step happened, so fastavg must not count it or take a snapshot (as with a step
+    GradScaler skips). Its frame is two to four calls up (through the step wrappers)."""
+    frame = sys._getframe(1)
+    for _ in range(8):
+        if frame is None:
+            return False
+        if frame.f_code.co_name == "_init_optim_state" and frame.f_globals.get("__name__", "").startswith(
+            "torch.distributed.checkpoint"
+        ):
+            return True
+        frame = frame.f_back
+    return False
 
 
 # The global hooks and the profiler's entry point are private to torch.optim; where a torch lacks
@@ -168,6 +188,10 @@ class AveragedOptimizer(torch.optim.Optimizer):
     def _before_inner_step(self) -> None:
         averager = self.averager
         averager.check_can_step()
+        # `not self.state` first: the frames are read only while the inner optimizer has no state.
+        if not self.state and _making_optimizer_state():
+            self._due = _NO_TRAINING_STEP
+            return
         self._due = averager.due_at(averager.step_count + 1)
         if self._due:
             averager.check_params()  # before the inner step runs and before t advances
@@ -175,6 +199,8 @@ class AveragedOptimizer(torch.optim.Optimizer):
     @torch.compiler.disable
     def _after_inner_step(self, found_inf) -> None:
         due, self._due = self._due, None
+        if due is _NO_TRAINING_STEP:
+            return
         # A step GradScaler skips is no call (API.md). The fused path skips on the device, so the
         # only way to know is a host read; GradScaler's non-fused path makes the same read.
         if found_inf is not None and bool(found_inf.item()):
@@ -204,8 +230,10 @@ class AveragedOptimizer(torch.optim.Optimizer):
             self.optimizer.load_state_dict(inner)
             self.averager.reset()
             warnings.warn(
-                "fastavg: the state dict has no 'fastavg' entry (saved from the unwrapped optimizer); "
-                "the inner optimizer's state was loaded and the averages start afresh",
+                "fastavg: the state dict has no 'fastavg' entry (saved from the unwrapped optimizer, or by "
+                "torch.distributed.checkpoint's get_optimizer_state_dict, which keeps only 'state' and "
+                "'param_groups'); the inner optimizer's state was loaded and the averages start afresh. "
+                "Averages saved apart (opt.averager.state_dict()) load with opt.averager.load_state_dict()",
                 stacklevel=2,
             )
             return

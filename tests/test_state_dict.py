@@ -216,6 +216,70 @@ def test_plain_optimizer_state_dict_loads_with_warning():
     assert str(opt2.optimizer.state_dict()["state"]) == str(plain["state"])
 
 
+def _setup_sgd(momentum, seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.GELU(), torch.nn.Linear(6, 2))
+    return model, fastavg.wrap(torch.optim.SGD(model.parameters(), lr=0.05, momentum=momentum), SPECS)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # one process, by design
+@pytest.mark.parametrize("momentum", [0.0, 0.9], ids=["stateless SGD", "SGD with momentum"])
+def test_torch_distributed_checkpoint_resumes_bit_for_bit_with_readmes_recipe(momentum, tmp_path):
+    """README's recipe: DCP saves the inner optimizer's state and the averager's beside it, and loads
+    both in place (one process, no process group)."""
+    dcp = pytest.importorskip("torch.distributed.checkpoint")
+    from torch.distributed.checkpoint import state_dict as dcp_state
+
+    def state_of(model, opt):
+        return {
+            "model": dcp_state.get_model_state_dict(model),
+            "optim": dcp_state.get_optimizer_state_dict(model, opt.optimizer),
+            "averages": opt.averager.state_dict(),
+        }
+
+    model, opt = _setup_sgd(momentum)
+    _train(model, opt, 0, 12)
+    uninterrupted = _snapshot(model, opt)
+
+    model, opt = _setup_sgd(momentum)
+    _train(model, opt, 0, 7)
+    before = _snapshot(model, opt)
+    dcp.save(state_of(model, opt), checkpoint_id=str(tmp_path / "ckpt"))
+    assert opt.step_count == 7
+    _assert_identical(_snapshot(model, opt), before)  # the save changed nothing
+
+    model2, opt2 = _setup_sgd(momentum, seed=123)
+    loaded = state_of(model2, opt2)
+    dcp.load(loaded, checkpoint_id=str(tmp_path / "ckpt"))  # in place, into model2's and opt2's tensors
+    dcp_state.set_model_state_dict(model2, loaded["model"])
+    dcp_state.set_optimizer_state_dict(model2, opt2.optimizer, loaded["optim"])
+    opt2.averager.load_state_dict(loaded["averages"])
+    assert opt2.step_count == 7
+    _train(model2, opt2, 7, 12)
+    _assert_identical(_snapshot(model2, opt2), uninterrupted)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9], ids=["stateless SGD", "SGD with momentum"])
+def test_the_step_dcp_calls_to_make_optimizer_state_is_no_training_step(momentum):
+    """Given the wrapper itself, DCP's get/set_optimizer_state_dict call its step() once with zero
+    gradients and lr 0 when the optimizer has no state (stateless SGD: at every save). No count, no
+    snapshot; and the set path says in its warning that the averages load apart."""
+    dcp_state = pytest.importorskip("torch.distributed.checkpoint.state_dict")
+    model, opt = _setup_sgd(momentum)
+    fresh = dcp_state.get_optimizer_state_dict(model, opt)  # before any step
+    assert opt.step_count == 0 and all(opt.num_averaged(n) == 0 for n in opt.names)
+    assert "fastavg" not in fresh  # DCP keeps only 'state' and 'param_groups'
+    _train(model, opt, 0, 7)
+    before = _snapshot(model, opt)
+    dcp_state.get_optimizer_state_dict(model, opt)
+    assert opt.step_count == 7
+    _assert_identical(_snapshot(model, opt), before)
+    model2, opt2 = _setup_sgd(momentum)
+    with pytest.warns(UserWarning, match="get_optimizer_state_dict"):
+        dcp_state.set_optimizer_state_dict(model2, opt2, dcp_state.get_optimizer_state_dict(model, opt))
+    assert opt2.step_count == 0
+
+
 def test_averager_state_dict_round_trip(backend):
     params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(5, dtype=torch.float64))]
     avg = fastavg.Averager(params, SPECS, backend=backend)
