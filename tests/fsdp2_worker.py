@@ -7,6 +7,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 import fastavg
 
@@ -50,8 +51,11 @@ for name in specs:
     with avg.averaged(name):
         inside = [p.full_tensor().double() for p in model.parameters()]
         seen = model(x)
+        # README's export: the whole averaged model, gathered by torch's own full state dict.
+        exported = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     for got, want in zip(inside, expected[name]):
         assert (got - want).abs().max().item() < 1e-6, (name, got, want)
+    assert all(torch.equal(exported[k].double(), v) for k, v in zip(exported, inside)), name
     reference = torch.nn.functional.linear(
         torch.nn.functional.gelu(torch.nn.functional.linear(x.double(), inside[0], inside[1])), inside[2], inside[3]
     )
