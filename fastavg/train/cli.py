@@ -8,6 +8,7 @@ import sys
 
 import torch
 
+from ..ops import BACKEND_NAMES
 from .model import HIGH_LR, PRESETS, STANDARD_LR
 
 AVERAGES = ("ema", "swa", "lawa")
@@ -45,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--lawa-every", type=int, default=None, help="LAWA/SWA: steps between checkpoints (default: the eval interval)"
     )
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "native"), help="fastavg backend")
+    p.add_argument("--backend", default="auto", choices=("auto", *BACKEND_NAMES), help="fastavg backend")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--seed", type=int, default=1337)
@@ -85,7 +86,7 @@ def fill_defaults_and_check(args: argparse.Namespace) -> None:
         raise ValueError(f"--averages lists a name twice: {args.averages}")
     for name in ("steps", "batch_size", "grad_accum", "eval_interval", "eval_batches", "lawa_window", "lawa_every"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            raise ValueError(f"{_flag(name)} must be >= 1, got {getattr(args, name)}")
     if args.ema_decay is None:  # after the checks above: it divides by the window and the interval
         # A rule fixed before any result: EMA's horizon 1/(1-d) equals the steps LAWA's window spans.
         args.ema_decay = 1 - 1 / (args.lawa_window * args.lawa_every)
@@ -93,14 +94,12 @@ def fill_defaults_and_check(args: argparse.Namespace) -> None:
         raise ValueError(f"--block-size must be >= 1, got {args.block_size}")
     if args.block_size is not None and args.block_size > PRESETS[args.preset]["block_size"]:
         raise ValueError(f"--block-size {args.block_size} is longer than {args.preset}'s context")
-    # `not x >= 0` rather than `x < 0`: NaN fails these too.
-    for option, value, allowed in (("--warmup", args.warmup, args.warmup >= 0), ("--lr", args.lr, 0 < args.lr < float("inf")),
-                                   ("--min-lr-ratio", args.min_lr_ratio, 0 <= args.min_lr_ratio <= 1),
-                                   ("--weight-decay", args.weight_decay, args.weight_decay >= 0),
-                                   ("--clip", args.clip, args.clip >= 0)):  # fmt: skip
+    # Each test holds for the allowed values only, so NaN fails every one.
+    for name, allowed, rule in (("warmup", args.warmup >= 0, ">= 0"), ("lr", 0 < args.lr < float("inf"), "> 0 and finite"),
+                                ("min_lr_ratio", 0 <= args.min_lr_ratio <= 1, "in [0, 1]"),
+                                ("weight_decay", args.weight_decay >= 0, ">= 0"), ("clip", args.clip >= 0, ">= 0")):  # fmt: skip
         if not allowed:
-            rule = {"--lr": "> 0 and finite", "--min-lr-ratio": "in [0, 1]"}.get(option, ">= 0")
-            raise ValueError(f"{option} must be {rule}, got {value}")
+            raise ValueError(f"{_flag(name)} must be {rule}, got {getattr(args, name)}")
     if not 0 <= args.ema_decay < 1:
         raise ValueError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     if args.device != "auto":
@@ -114,6 +113,11 @@ def fill_defaults_and_check(args: argparse.Namespace) -> None:
         raise ValueError(f"--data {args.data!r} does not exist")
     if args.resume:
         check_resume(args)
+
+
+def _flag(name: str) -> str:
+    """The command-line option of an ``args`` attribute: ``lawa_window`` -> ``--lawa-window``."""
+    return "--" + name.replace("_", "-")
 
 
 # What a checkpoint's tensors are shaped by: a resume with another value could not load it.
@@ -142,14 +146,11 @@ def check_resume(args: argparse.Namespace) -> None:
     def differs(name: str) -> bool:
         return comparable(saved, name) != comparable(vars(args), name)
 
-    def option(name: str) -> str:
-        return "--" + name.replace("_", "-")
-
-    clashes = [f"{option(n)} {comparable(saved, n)} (now {comparable(vars(args), n)})"
+    clashes = [f"{_flag(n)} {comparable(saved, n)} (now {comparable(vars(args), n)})"
                for n in RESUME_MUST_MATCH if differs(n)]  # fmt: skip
     if clashes:
         raise ValueError(f"--resume: {path} was made with " + ", ".join(clashes) + "; give the same to resume it")
-    changed = [f"{option(n)} {saved[n]} -> {getattr(args, n)}"
+    changed = [f"{_flag(n)} {saved[n]} -> {getattr(args, n)}"
                for n in saved if n in vars(args) and n not in RESUME_FREE + RESUME_MUST_MATCH and differs(n)]  # fmt: skip
     if changed:
         print(f"fastavg-train: warning: resuming with options other than the checkpoint's: {', '.join(changed)}",
