@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "error_text.h"
 #include "ops_cuda.h"
@@ -64,6 +65,29 @@ void check_table(const at::Tensor& table, at::TensorList params, const char* op)
   }
 }
 
+void* slot_address(const at::Tensor& ring, int64_t slot) {
+  return static_cast<char*>(ring.data_ptr()) + slot * ring.stride(0) * ring.element_size();
+}
+
+// The parameters into each ring's slot through one cudaMemcpyBatchAsync (ops_cuda.cu's copy_rings).
+void copy_rings_by_driver(at::TensorList params, at::TensorList rings, at::IntArrayRef slots, int mode,
+                          const at::Device& device, void* stream) {
+  std::vector<const void*> sources;
+  std::vector<int64_t> bytes;
+  for (const auto& p : params) {
+    sources.push_back(p.data_ptr());
+    bytes.push_back(static_cast<int64_t>(p.nbytes()));
+  }
+  std::vector<void*> slot_addresses;
+  for (size_t k = 0; k < rings.size(); ++k) {
+    slot_addresses.push_back(slot_address(rings[k], slots[k]));
+  }
+  check_launch(cuda::copy_rings(sources.data(), bytes.data(), static_cast<int64_t>(sources.size()),
+                                slot_addresses.data(), static_cast<int>(slot_addresses.size()), mode, device.index(),
+                                stream),
+               "update_");
+}
+
 void update_cuda(at::TensorList params, const at::Tensor& table, at::TensorList averages, at::ArrayRef<double> weights,
                  at::TensorList rings, at::IntArrayRef slots) {
   TORCH_CHECK(averages.size() == weights.size() && rings.size() == slots.size(), "update_: lists of unequal length");
@@ -86,6 +110,12 @@ void update_cuda(at::TensorList params, const at::Tensor& table, at::TensorList 
   const auto param_code = code(params[0].scalar_type());
   // Rings alone: the kernels then read no average; the parameter dtype is a pair every build has.
   const auto average_code = averages.empty() ? param_code : code(averages[0].scalar_type());
+  const int driver_mode = cuda::driver_copies();
+  // LAWA alone as the driver's copies (set_driver_copies), except into a CUDA graph being captured.
+  if (averages.empty() && driver_mode != 0 && !cuda::capturing(stream)) {
+    copy_rings_by_driver(params, rings, slots, driver_mode, table.device(), stream);
+    return;
+  }
   // At most 4 averages and 2 rings per launch; more (rare) take further launches.
   const size_t launches = std::max((averages.size() + cuda::kMaxAverages - 1) / cuda::kMaxAverages,
                                    (rings.size() + cuda::kMaxRings - 1) / cuda::kMaxRings);
@@ -100,7 +130,7 @@ void update_cuda(at::TensorList params, const at::Tensor& table, at::TensorList 
       args.vectors_ok &= aligned16(averages[k].data_ptr());
     }
     for (size_t k = l * cuda::kMaxRings; k < std::min(rings.size(), (l + 1) * cuda::kMaxRings); ++k) {
-      void* slot = static_cast<char*>(rings[k].data_ptr()) + slots[k] * rings[k].stride(0) * rings[k].element_size();
+      void* slot = slot_address(rings[k], slots[k]);
       args.rings[args.n_rings++] = slot;
       args.vectors_ok &= aligned16(slot);
     }
@@ -179,6 +209,10 @@ int64_t set_bulk_rings(int64_t stage_kb) {
   return stage_kb == static_cast<int>(stage_kb) ? cuda::set_bulk_rings(static_cast<int>(stage_kb)) : -1;
 }
 
+int64_t set_driver_copies(int64_t mode) {
+  return mode == static_cast<int>(mode) ? cuda::set_driver_copies(static_cast<int>(mode)) : -1;
+}
+
 // "" where the kernels run on CUDA device `device`, else CUDA's reason (ops_cuda.h). A string, not
 // an error: fastavg/native_backend.py turns it into the reason available_backends() gives.
 std::string kernels_missing(int64_t device) {
@@ -194,13 +228,14 @@ TORCH_LIBRARY(fastavg_native_cuda, m) { m.def("kernels_missing(int device) -> st
 
 // Tuning hooks for bench/kernel_sweep.py, not part of the ops (fastavg/ops.py's SCHEMAS): the
 // threads per block, the vectors per thread per pass, and the grid (one block per row or not) of later
-// update and swap launches, and the TMA's copies for LAWA alone; each returns the previous setting,
-// or -1 for one the kernels cannot run (nothing changed).
+// update and swap launches, and the TMA's or the driver's copies for LAWA alone; each returns the
+// previous setting, or -1 for one the kernels cannot run (nothing changed).
 TORCH_LIBRARY(fastavg_native_tuning, m) {
   m.def("set_block_threads(int threads) -> int", &set_block_threads);
   m.def("set_unroll(int factor) -> int", &set_unroll);
   m.def("set_block_per_row(int on) -> int", &set_block_per_row);
   m.def("set_bulk_rings(int stage_kb) -> int", &set_bulk_rings);
+  m.def("set_driver_copies(int mode) -> int", &set_driver_copies);
 }
 
 TORCH_LIBRARY_IMPL(fastavg_native, CUDA, m) {

@@ -7,6 +7,7 @@
 
 #include "cuda_kernels.cuh"
 #include "ops_cuda.h"
+#include "ring_copies.h"
 
 namespace fastavg {
 namespace cuda {
@@ -59,6 +60,19 @@ std::atomic<int> unroll{kDefaultUnroll};
 // KB (set_bulk_rings), on GPUs of compute capability 9 and later where the stages fit (bulk_fits); 0
 // (the default), and on other GPUs, update_kernel as for the rest.
 std::atomic<int> bulk_stage_kb{0};
+
+// Ring-only updates (LAWA alone) as the driver's copies (set_driver_copies): LAWA alone is a copy,
+// and the copy bandwidth it is measured against is the driver's (torch's copy_ of a contiguous
+// tensor is a cudaMemcpyAsync), while every fastavg kernel that writes as much as it reads stays at
+// 90-92% of it (H200, runs 6 and 7). cudaMemcpyBatchAsync moves the parameters in one call, as the
+// driver copies: a question for the sweep and the benchmark. Its flag in cudaMemcpyBatchAsync's
+// form of CUDA 13 (12.8 and 12.9 spell it another way, which nothing here compiles).
+std::atomic<int> driver_copy_mode{0};
+#if CUDART_VERSION >= 13000
+constexpr bool kHasBatchCopies = true;
+#else
+constexpr bool kHasBatchCopies = false;
+#endif
 
 // The TMA is there from compute capability 9; the 4 stages must fit a block's shared memory (an RTX
 // 50x0, 12.0, opts in to 99 KB of it, under four 32 KB stages): otherwise update_kernel runs.
@@ -160,6 +174,50 @@ int set_bulk_rings(int stage_kb) {
     return -1;
   }
   return bulk_stage_kb.exchange(stage_kb);
+}
+
+int set_driver_copies(int mode) {
+  if (!kHasBatchCopies || mode < 0 || mode > 2) return -1;
+  return driver_copy_mode.exchange(mode);
+}
+
+int driver_copies() { return driver_copy_mode.load(); }
+
+bool capturing(void* stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(static_cast<cudaStream_t>(stream), &status) != cudaSuccess) {
+    cudaGetLastError();  // not sticky; cleared so that no later launch check reports it
+    return true;
+  }
+  return status != cudaStreamCaptureStatusNone;
+}
+
+const char* copy_rings(const void* const* params, const int64_t* bytes, int64_t n_params, void* const* slots,
+                       int n_slots, int mode, int device, void* stream) {
+#if CUDART_VERSION >= 13000
+  RingCopies copies = ring_copy_list(params, bytes, n_params, slots, n_slots);
+  if (copies.sizes.empty()) return nullptr;
+  cudaMemcpyAttributes attributes{};
+  attributes.srcAccessOrder = cudaMemcpySrcAccessOrderStream;  // after the optimizer's step on the stream
+  attributes.srcLocHint.type = cudaMemLocationTypeDevice;
+  attributes.srcLocHint.id = device;
+  attributes.dstLocHint = attributes.srcLocHint;
+  attributes.flags = mode == 2 ? cudaMemcpyFlagPreferOverlapWithCompute : cudaMemcpyFlagDefault;
+  size_t first_copy = 0;  // the attributes apply to every copy
+  // The batch refuses the legacy default stream (torch's default: a null handle). The per-thread
+  // default stream is a blocking stream: ordered after the legacy stream's earlier work, and the
+  // legacy stream's later work after it, so the copies keep torch's stream order.
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (s == nullptr || s == cudaStreamLegacy) s = cudaStreamPerThread;
+  const cudaError_t error = cudaMemcpyBatchAsync(copies.destinations.data(), copies.sources.data(),
+                                                 copies.sizes.data(), copies.sizes.size(), &attributes, &first_copy, 1, s);
+  if (error == cudaSuccess) return nullptr;
+  cudaGetLastError();  // not sticky; cleared so that no later launch check reports it
+  return cudaGetErrorString(error);
+#else
+  (void)params, (void)bytes, (void)n_params, (void)slots, (void)n_slots, (void)mode, (void)device, (void)stream;
+  return "the driver's batch copies need a build of CUDA 13.0 or later";
+#endif
 }
 
 const char* kernels_missing() {

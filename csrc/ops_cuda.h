@@ -43,6 +43,19 @@ int set_block_per_row(int on);
 // (compute capability 9 and later), for tuning: 0, the default, off; else the KB of each of its 4
 // shared-memory stages, a power of two from 4 to 32. Returns the previous value, or -1 (unchanged).
 int set_bulk_rings(int stage_kb);
+// Later ring-only updates (LAWA alone) as the driver's copies, one cudaMemcpyBatchAsync of every
+// parameter into each slot, for tuning: 0, the default, off (the kernels); 1 on; 2 on, asking the
+// driver to prefer the copy engines (cudaMemcpyFlagPreferOverlapWithCompute). Returns the previous
+// value, or -1 (unchanged) for any other number and in builds of CUDA before 13.0.
+int set_driver_copies(int mode);
+int driver_copies();  // the setting now
+// Whether `stream` is being captured into a CUDA graph (or the query failed): there the ring-only
+// updates take the kernels, which a graph holds, whatever set_driver_copies says.
+bool capturing(void* stream);
+// The copies of set_driver_copies: `n_params` parameters (`bytes[i]` bytes at `params[i]`) into each
+// of `n_slots` ring slots, back to back (ring_copies.h), on `stream`; nullptr or CUDA's error.
+const char* copy_rings(const void* const* params, const int64_t* bytes, int64_t n_params, void* const* slots,
+                       int n_slots, int mode, int device, void* stream);
 // nullptr where this build's kernels run on the current device, else CUDA's reason: a build for
 // other architectures (no sm_ image for this GPU and no PTX it can compile) launches nothing there.
 const char* kernels_missing();

@@ -51,6 +51,7 @@ def build(out_dir: Path) -> ctypes.CDLL:
     lib.emulate_balanced_blocks.restype = ctypes.c_int64
     lib.emulate_balanced_blocks.argtypes = [ctypes.c_int64, ctypes.c_int64]
     lib.emulate_bulk_error.restype = ctypes.c_char_p
+    lib.emulate_driver_copies.restype = None
     return lib
 
 
@@ -73,18 +74,32 @@ def _aligned(address: int) -> bool:
 
 
 def backend(
-    lib: ctypes.CDLL, most_blocks: int, threads: int = DEFAULT_THREADS, unroll: int = DEFAULT_UNROLL, bulk_kb: int = 0
+    lib: ctypes.CDLL,
+    most_blocks: int,
+    threads: int = DEFAULT_THREADS,
+    unroll: int = DEFAULT_UNROLL,
+    bulk_kb: int = 0,
+    driver_copies: bool = False,
 ) -> Backend:
     """The emulated kernels as a backend; ``most_blocks`` stands for the blocks a GPU holds at once,
     ``threads`` for the threads per block of update and swap launches (set_block_threads), ``unroll``
     for their vectors per thread per pass (set_unroll: 1, 2 or 4), ``bulk_kb`` for ring-only updates
-    through the TMA's copies in stages of that many KB (set_bulk_rings, on a GPU that has them)."""
+    through the TMA's copies in stages of that many KB (set_bulk_rings, on a GPU that has them),
+    ``driver_copies`` for ring-only updates as the driver's copies (set_driver_copies: the binding's
+    list of copies, each a memcpy here)."""
 
     def blocks(items: int) -> ctypes.c_uint:
         return ctypes.c_uint(lib.emulate_balanced_blocks(items, most_blocks))
 
     def update_(params, table, averages, weights, rings, slots):
         if not params or not (averages or rings):
+            return
+        if driver_copies and not averages:  # as cuda_binding.cpp's copy_rings_by_driver: every ring at once
+            slot_addresses = [ring[slot].data_ptr() for ring, slot in zip(rings, slots, strict=True)]
+            lib.emulate_driver_copies(
+                _pointers(params), (ctypes.c_int64 * len(params))(*[p.nbytes for p in params]),
+                ctypes.c_int64(len(params)), (ctypes.c_void_p * len(rings))(*slot_addresses), len(rings),
+            )  # fmt: skip
             return
         # As cuda_binding.cpp's update_cuda splits them.
         for avg, wts, rng in update_launches(averages, weights, rings, slots, MAX_AVERAGES, MAX_RINGS):

@@ -33,8 +33,8 @@ def emulator(tmp_path_factory):
 
 
 @pytest.fixture(
-    params=[(2, 128, 2, 0), (1, 256, 1, 0), (3, 128, 1, 0), (2, 96, 4, 0), (1 << 30, 128, 2, 0), (2, 128, 2, 8),
-            (3, 96, 2, 32)],
+    params=[(2, 128, 2, 0, False), (1, 256, 1, 0, False), (3, 128, 1, 0, False), (2, 96, 4, 0, False),
+            (1 << 30, 128, 2, 0, False), (2, 128, 2, 8, False), (3, 96, 2, 32, False), (2, 128, 2, 0, True)],
     ids=[
         "default-128-threads-unroll-2",
         "1-block-256-threads",
@@ -43,6 +43,7 @@ def emulator(tmp_path_factory):
         "a-block-per-row",
         "bulk-copies-8k",
         "bulk-copies-32k",
+        "driver-copies",
     ],
 )  # fmt: skip
 def target(request, emulator):
@@ -51,9 +52,10 @@ def target(request, emulator):
     updates and swaps) and the sweep's other settings (set_block_threads, set_unroll; at 96 threads
     a row's last pass is partial; set_block_per_row: a grid of as many blocks as rows, each walking
     one; set_bulk_rings: LAWA alone through the TMA's copies in stages of 8 and 32 KB, in
-    emulate.cpp's model of them)."""
-    most_blocks, threads, unroll, bulk_kb = request.param
-    return emulated_backend(emulator, most_blocks=most_blocks, threads=threads, unroll=unroll, bulk_kb=bulk_kb), "cpu"
+    emulate.cpp's model of them; set_driver_copies: LAWA alone as the binding's list of copies)."""
+    most_blocks, threads, unroll, bulk_kb, driver = request.param
+    backend = emulated_backend(emulator, most_blocks, threads, unroll, bulk_kb, driver_copies=driver)
+    return backend, "cpu"
 
 
 @pytest.mark.parametrize("items, most", [(1995, 1056), (1995, 792), (1, 3), (0, 3), (7, 1), (1057, 1056)])

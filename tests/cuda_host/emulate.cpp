@@ -23,6 +23,7 @@ Dim threadIdx, blockIdx, blockDim, gridDim;
 }  // namespace
 
 #include "cuda_kernels.cuh"
+#include "ring_copies.h"
 
 #include <cstring>
 #include <deque>
@@ -235,6 +236,16 @@ int emulate_ring_mean(void* out, const void* ring, int64_t n, int64_t stride, in
     using O = decltype(o_tag);
     run(blocks, kThreads, [&] { ring_mean_kernel<O, R>(static_cast<O*>(out), static_cast<const R*>(ring), n, stride, count); });
   });
+}
+
+// LAWA alone as ops_cuda.cu's copy_rings gives it to the driver (set_driver_copies): the same list
+// of copies (ring_copies.h), each a memcpy.
+void emulate_driver_copies(const void* const* params, const int64_t* bytes, int64_t n_params, void* const* slots,
+                           int n_slots) {
+  const RingCopies copies = ring_copy_list(params, bytes, n_params, slots, n_slots);
+  for (size_t i = 0; i < copies.sizes.size(); ++i) {
+    std::memcpy(copies.destinations[i], copies.sources[i], copies.sizes[i]);
+  }
 }
 
 int64_t emulate_balanced_blocks(int64_t items, int64_t most) { return balanced_blocks(items, most); }
