@@ -1,30 +1,54 @@
-"""Does LAWA alone through the TMA's bulk copies (set_bulk_rings) run, and write the right slot?
+"""Does LAWA alone through the TMA's bulk copies (set_bulk_rings), or as the driver's copies
+(set_driver_copies, with --driver-copies), run, and write the right slot?
 
-bulk_ring_kernel (csrc/cuda_kernels.cuh) is timed by the sweep and the benchmark, and run by the
-cuda tests, before any GPU has run it: a wrong barrier phase would hang the process, and take each
-stage's whole time limit with it. gpu_check.sh runs this first, in a child with a time limit, and
-leaves the bulk copies out of everything else if it fails. Usage: python bench/bulk_probe.py
+Both are timed by the sweep and the benchmark, and run by the cuda tests, before any GPU has run
+them: a wrong barrier phase in bulk_ring_kernel (csrc/cuda_kernels.cuh) would hang the process and
+take each stage's whole time limit with it; a batch of copies the driver refuses would fail every
+row of them. gpu_check.sh runs this first, in a child with a time limit, and leaves what failed out
+of everything else. Usage: python bench/bulk_probe.py [--driver-copies]
 
-Prints "bulk probe: ..." lines. Exits 0 when the bulk copies wrote every slot right (or this GPU has
-no TMA, and the launcher ran the vector kernel), 1 when a slot was wrong, 2 when there is nothing
-to probe (no GPU, or no native CUDA build).
+Prints "bulk probe: ..." (or "driver copy probe: ...") lines. Exits 0 when every slot was written
+right (or this GPU has no TMA, and the launcher ran the vector kernel), 1 when a slot was wrong or
+the copies failed, 2 when there is nothing to probe (no GPU, or no native CUDA build).
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 
 import torch
 
 
-def main() -> int:
+def wrong_slot(params, table, rings, count: int) -> str | None:
+    """One LAWA-alone update into slot 1 of ``count`` poisoned rings, at the current launch setting:
+    None when it wrote every element of the slot and nothing else, else what went wrong."""
+    n = sum(p.numel() for p in params)
+    expected = torch.cat(params)
+    for ring in rings:
+        ring.fill_(float("nan"))
+    torch.ops.fastavg_native.update_(params, table, [], [], [r[:, :n] for r in rings[:count]], [1] * count)
+    torch.cuda.synchronize()
+    for ring in rings[:count]:
+        if not torch.equal(ring[1, :n], expected):
+            return f"{(ring[1, :n] != expected).sum().item()} of {n} elements differ"
+        if not (ring[0].isnan().all() and ring[2].isnan().all() and ring[1, n:].isnan().all()):
+            return "written outside the slot"
+    return None
+
+
+def main(argv=None) -> int:
     import fastavg
     from fastavg.bench import native_launch
     from fastavg.table import build_table
 
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--driver-copies", action="store_true", help="probe the driver's copies, not the TMA's")
+    args = parser.parse_args(argv)
+    name = "driver copy probe" if args.driver_copies else "bulk probe"
     if not torch.cuda.is_available() or fastavg.available_backends("cuda")["native"] is not None:
-        print("bulk probe: nothing to probe (no GPU, or no native CUDA build)")
+        print(f"{name}: nothing to probe (no GPU, or no native CUDA build)")
         return 2
     hooks = native_launch.tuning_hooks()
     major, minor = torch.cuda.get_device_capability()
@@ -34,26 +58,28 @@ def main() -> int:
     n = sum(p.numel() for p in params)
     rings = [torch.full((3, -(-n // 8) * 8), float("nan"), dtype=torch.bfloat16, device="cuda") for _ in range(2)]
     table = build_table(params)
-    expected = torch.cat(params)
+    if args.driver_copies:  # both modes; 1 and 2 rings
+        settings = {f"mode {m}": {"driver": m} for m in (native_launch.DRIVER_COPIES, native_launch.DRIVER_COPIES_CE)}
+        what = "the driver's batch copies, modes 1 and 2"
+    else:  # the smallest stage, the sweep's two (32 KB: past the 48 KB opt-in)
+        settings = {f"{kb} KB stages": {"bulk": kb} for kb in (4, 8, 32)}
+        what = "stages of 4, 8 and 32 KB, by " + (
+            "the TMA's bulk copies" if major >= 9 else f"the vector kernel (sm_{major}{minor}: no TMA)"
+        )
     started = time.perf_counter()
-    for kb in (4, 8, 32):  # the smallest stage, the sweep's two (32 KB: past the 48 KB opt-in)
-        with native_launch.launch_settings(hooks, 128, 2, bulk=kb):
-            for count in (1, 2):
-                for ring in rings:
-                    ring.fill_(float("nan"))
-                torch.ops.fastavg_native.update_(params, table, [], [], [r[:, :n] for r in rings[:count]], [1] * count)
-                torch.cuda.synchronize()
-                for ring in rings[:count]:
-                    if not torch.equal(ring[1, :n], expected):
-                        wrong = (ring[1, :n] != expected).sum().item()
-                        print(f"bulk probe: WRONG, {wrong} of {n} elements differ ({kb} KB stages, {count} ring(s))")
-                        return 1
-                    if not (ring[0].isnan().all() and ring[2].isnan().all() and ring[1, n:].isnan().all()):
-                        print(f"bulk probe: WRONG, written outside the slot ({kb} KB stages, {count} ring(s))")
-                        return 1
-    what = "the TMA's bulk copies" if major >= 9 else f"the vector kernel (sm_{major}{minor}: no TMA)"
+    for label, setting in settings.items():
+        for count in (1, 2):
+            try:
+                with native_launch.launch_settings(hooks, 128, 2, **setting):
+                    wrong = wrong_slot(params, table, rings, count)
+            except (RuntimeError, ValueError) as err:
+                print(f"{name}: FAILED, {str(err).splitlines()[0][:300]} ({label}, {count} ring(s))")
+                return 1
+            if wrong:
+                print(f"{name}: WRONG, {wrong} ({label}, {count} ring(s))")
+                return 1
     seconds = time.perf_counter() - started
-    print(f"bulk probe: ok, {n} elements into 1 and 2 rings, stages of 4, 8 and 32 KB, by {what} in {seconds:.2f} s")
+    print(f"{name}: ok, {n} elements into 1 and 2 rings, {what} in {seconds:.2f} s")
     return 0
 
 

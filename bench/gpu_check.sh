@@ -4,10 +4,11 @@
 # native CUDA kernels and real Triton compilation here), benchmark every backend on GPT-2 124M
 # shapes against the stock paths and the measured copy bandwidth, time the host side of step(),
 # and write everything under $OUT
-# (8 files, the most the device tool returns). Stage timeouts add up to 8.3 minutes, plus the build
-# (29 to 39 s for one arch on an H200); the whole script ran in 288 s on an H200 (2026-11-28, run 6);
-# the CPU tests run only if under 250 s have gone, so timeout_s=330 leaves the summary written and a
-# lease of 15 minutes room for a second call.
+# (8 files, the most the device tool returns). Stage timeouts add up to 11.6 minutes, plus the build
+# (29 to 39 s for one arch on an H200); the whole script ran in 288 s on an H200 (2026-11-28, run 6),
+# before more sweep rows, tests and a second probe (the sweep now likely takes its whole 90 s); the
+# CPU tests run only if under 250 s have gone. timeout_s=420 leaves the summary written unless several
+# stages run to their limits, and a lease of 15 minutes room for a second call.
 #   OUT=/some/dir bash bench/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -58,6 +59,15 @@ if [ "$bulk_rc" -ne 0 ]; then
   export FASTAVG_SKIP_BULK=1
   echo "bulk probe: exit $bulk_rc, the TMA's bulk copies left out of this run" | tee -a "$log"
 fi
+# LAWA alone as the driver's copies (set_driver_copies, one cudaMemcpyBatchAsync) had not run on a GPU
+# before the run after 2026-11-28 21:46: the same probe of them. A failure leaves them out
+# (FASTAVG_SKIP_DRIVER_COPIES=1) of the cuda tests, the benchmark and the sweep.
+timeout 30 "$PY" bench/bulk_probe.py --driver-copies 2>&1 | tee -a "$log"
+driver_rc=${PIPESTATUS[0]}
+if [ "$driver_rc" -ne 0 ]; then
+  export FASTAVG_SKIP_DRIVER_COPIES=1
+  echo "driver copy probe: exit $driver_rc, the driver's copies left out of this run" | tee -a "$log"
+fi
 stage_done bulk-probe
 
 # A fresh machine JIT-compiles every Triton specialisation the tests touch: spread them over
@@ -71,12 +81,13 @@ stage_done cuda-tests
 # Native also at other launch settings (rows "fastavg-native T=128 x4", "... T=128 x2 per row",
 # "... T=128 bulk 8K"), so the default can change with the benchmark's numbers for it measured in
 # this run: four vectors per pass, one block per table row instead of the persistent grid, and LAWA
-# alone through the TMA's bulk copies in 8 and 32 KB stages (LAWA alone, at 89.8% of copy, is the
-# row in question: NOTES.md); only where the build has the hooks, or the option would stop the
-# whole benchmark. Runs 6 and 7 timed 256 and 128 threads: 128x2 became the default.
+# alone through the TMA's bulk copies in 8 and 32 KB stages and as the driver's copies (LAWA alone,
+# at 89.8% of copy, is the row in question: NOTES.md); only where the build has the hooks, or the
+# option would stop the whole benchmark. Runs 6 and 7 timed 256 and 128 threads: 128x2 became the default.
 bulk_launch=$([ -z "${FASTAVG_SKIP_BULK:-}" ] && echo " 128x2/bulk 128x2/bulk32")
+driver_launch=$([ -z "${FASTAVG_SKIP_DRIVER_COPIES:-}" ] && echo " 128x2/copy 128x2/copyce")
 launches=$("$PY" -c "import torch; from fastavg.bench.native_launch import tuning_hooks
-print('--native-launch ${NATIVE_LAUNCHES:-128x4 128x2/row 128x4/row$bulk_launch}' if torch.cuda.is_available() and tuning_hooks() else '')" 2>/dev/null)
+print('--native-launch ${NATIVE_LAUNCHES:-128x4 128x2/row 128x4/row$bulk_launch$driver_launch}' if torch.cuda.is_available() and tuning_hooks() else '')" 2>/dev/null)
 if ! skip bench; then
   echo "== bench ${launches:-(no native CUDA tuning hooks)}" && timeout 100 "$PY" -m fastavg.bench --params gpt2 --repeats 20 $launches \
     --json "$OUT/bench_gpt2.json" --plot "$OUT/bench_gpt2.png" 2>&1 | tee -a "$OUT/tests.log"
@@ -96,7 +107,7 @@ stage_done step-overhead
 # finer rows, and LAWA alone over several tables and grids beside torch's copy and gather of the same
 # bytes (into the same file: the device tool returns 8 files at most).
 if ! skip sweep; then
-  echo "== kernel sweep" && timeout 90 "$PY" bench/kernel_sweep.py ${FASTAVG_SKIP_BULK:+--bulk-chunks} 2>&1 | tee -a "$OUT/step_overhead.txt"
+  echo "== kernel sweep" && timeout 90 "$PY" bench/kernel_sweep.py ${FASTAVG_SKIP_BULK:+--bulk-chunks} ${FASTAVG_SKIP_DRIVER_COPIES:+--driver-copies} 2>&1 | tee -a "$OUT/step_overhead.txt"
 fi
 stage_done sweep
 # Only with time left (the summary below must be written inside the call's limit; CI runs these too).
@@ -137,7 +148,8 @@ try:
         summary["step_overhead_us"] = [line.rstrip() for line in f if line.rstrip().endswith(" us")]
     with open(f"{out}/step_overhead.txt") as f:
         summary["kernel_sweep"] = [line.rstrip() for line in f
-                                   if line.rstrip().endswith(("%", "GB/s", "% copy")) or "WRONG" in line]
+                                   if line.rstrip().endswith(("%", "GB/s", "% copy")) or "WRONG" in line
+                                   or " FAILED: " in line]
 except OSError:
     summary["step_overhead_us"] = None
 header, records = {}, []
@@ -172,7 +184,7 @@ try:
     install_log = [l.strip() for l in open(f"{out}/env_and_install.txt")]
     summary["build"] = [l for l in install_log if l.startswith("install + native build")]
     summary["native_error_probes"] = [l for l in install_log if l.startswith("native error probe")]
-    summary["bulk_probe"] = [l for l in install_log if l.startswith("bulk probe")]
+    summary["bulk_probe"] = [l for l in install_log if l.startswith(("bulk probe", "driver copy probe"))]
     # Only our own lines: the log also holds pip's and the compiler's output.
     stages = (re.fullmatch(r"stage ([\w-]+): (\d+) s", l) for l in install_log)
     summary["stage_s"] = {m[1]: int(m[2]) for m in stages if m}

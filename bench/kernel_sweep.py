@@ -18,7 +18,15 @@ import torch
 
 import fastavg
 from fastavg.bench.cases import fastavg_case, minimal_bytes_per_element
-from fastavg.bench.native_launch import current_settings, distinct, label, launch_settings, tuning_hooks
+from fastavg.bench.native_launch import (
+    DRIVER_COPIES,
+    DRIVER_COPIES_CE,
+    current_settings,
+    distinct,
+    label,
+    launch_settings,
+    tuning_hooks,
+)
 from fastavg.bench.shapes import gpt2_shapes
 from fastavg.bench.timing import copy_bandwidth_gbps, median_ms
 from fastavg.table import CHUNK, build_table
@@ -126,11 +134,13 @@ def table_rows(name, params, buffers, chunks, available) -> dict:
     return runs
 
 
-def lawa_question_rows(params, buffers, per_row_chunks, available, tuning, bulk_chunks=(CHUNK,), bulk_kbs=(8,)) -> dict:
+def lawa_question_rows(
+    params, buffers, per_row_chunks, available, tuning, bulk_chunks=(CHUNK,), bulk_kbs=(8,), driver_modes=()
+) -> dict:
     """LAWA alone at 89-91% of copy (H200 runs 5-7), rows that ask why: native and Triton with one
     block (program) per row, over tables of several row lengths; native through the TMA's bulk
-    copies; torch's own copy of the same bytes, and torch's gather of them from the same tensors
-    into the same ring slot."""
+    copies, and as the driver's copies in each of ``driver_modes``; torch's own copy of the same
+    bytes, and torch's gather of them from the same tensors into the same ring slot."""
     runs = {}
     # The persistent grid's drain: its blocks each walk an equal share, ~0.13 ms long, and an SM whose
     # blocks finish first idles to the end. A grid of one block per row (the GPU starts each block as a
@@ -153,6 +163,13 @@ def lawa_question_rows(params, buffers, per_row_chunks, available, tuning, bulk_
         fine = native_run("lawa", over_table(params, buffers, chunk))
         for kb in bulk_kbs:
             runs[("lawa", f"native, TMA {kb} KB stages, {rows_of(chunk)}")] = (fine, build_setting._replace(bulk=kb))
+    # The driver's copies (ops_cuda.cu's copy_rings): one cudaMemcpyBatchAsync of the 148 tensors
+    # into the slot, the driver's own copy as the baseline's, with no kernel of fastavg's. If these
+    # land near torch's copy_ row while torch's neg lands near fastavg's kernels, the driver's copy
+    # is what reaches the baseline, and it becomes LAWA alone's path.
+    for mode in driver_modes if native else ():
+        what = {DRIVER_COPIES: "native, driver's batch copy", DRIVER_COPIES_CE: "native, driver's batch copy, CE"}
+        runs[("lawa", what[mode])] = (native_run("lawa", buffers), build_setting._replace(driver=mode))
     # LAWA alone is a copy: the parameters into a ring slot, read once and written once, as the copy
     # baseline. torch's copy of the same bytes as one contiguous tensor (cudaMemcpyAsync, the driver's
     # copy) says how near 100% a transfer of that size comes; torch.neg into another tensor is an
@@ -219,6 +236,14 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--bulk-kb", type=int, nargs="+", default=[8, 32], help="the TMA rows' KB per shared-memory stage"
     )
+    parser.add_argument(
+        "--driver-copies",
+        type=int,
+        nargs="*",
+        default=[DRIVER_COPIES, DRIVER_COPIES_CE],
+        help="also time LAWA alone as the driver's copies in these modes (1; 2: preferring the copy engines; "
+        "native, a GPU); none: no such rows (gpu_check.sh, where its probe of them failed)",
+    )
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test")
@@ -257,7 +282,14 @@ def main(argv=None) -> None:
         if name == "lawa":
             runs.update(
                 lawa_question_rows(
-                    params, buffers, args.per_row_chunks, available, tuning, args.bulk_chunks, args.bulk_kb
+                    params,
+                    buffers,
+                    args.per_row_chunks,
+                    available,
+                    tuning,
+                    args.bulk_chunks,
+                    args.bulk_kb,
+                    args.driver_copies,
                 )
             )
     # The same update through opt.step() as fastavg-bench times it (the Averager's own buffers, the
@@ -267,9 +299,13 @@ def main(argv=None) -> None:
         if available[backend] is None:
             runs[("all", f"opt.step() {backend}")] = (fastavg_case("all", params, backend).step, None)
     for (name, kernel), (fn, settings) in runs.items():
-        with launch_settings(tuning, *settings) if settings else contextlib.nullcontext():
-            checked = name != "lawa" or not kernel.startswith(("native", "triton")) or writes_the_slot(fn, buffers)
-            ms = median_ms(fn, device, args.repeats, 1 if args.quick else 3, calls=1 if args.quick else 20)
+        try:
+            with launch_settings(tuning, *settings) if settings else contextlib.nullcontext():
+                checked = name != "lawa" or not kernel.startswith(("native", "triton")) or writes_the_slot(fn, buffers)
+                ms = median_ms(fn, device, args.repeats, 1 if args.quick else 3, calls=1 if args.quick else 20)
+        except (RuntimeError, ValueError) as err:  # a variant that fails loses its row, not the rows after it
+            print(f"{name:8} {kernel:40} FAILED: {str(err).splitlines()[0][:200]}")
+            continue
         gbps = n * bytes_per_element(name) / (ms * 1e-3) / 1e9
         wrong = "" if checked else "  WRONG: the ring slot differs from the parameters"
         print(f"{name:8} {kernel:40} {ms:9.4f} {gbps:8.0f} {100 * gbps / copy_gbps:6.1f}%{wrong}")

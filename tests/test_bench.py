@@ -19,7 +19,7 @@ class FakeTuningHooks:
     unroll, not at the build's defaults, so a row's restore is seen to undo its own setting."""
 
     def __init__(self):
-        self.state, self.log, self.bulk = [256, 1, 0], [], 0
+        self.state, self.log, self.bulk, self.driver = [256, 1, 0], [], 0, 0
 
     def set_block_threads(self, threads):
         if threads % 32 or not 32 <= threads <= 256:
@@ -47,6 +47,13 @@ class FakeTuningHooks:
             return -1
         self.log.append(("bulk_rings", stage_kb))
         previous, self.bulk = self.bulk, stage_kb
+        return previous
+
+    def set_driver_copies(self, mode):
+        if mode not in (0, 1, 2):
+            return -1
+        self.log.append(("driver_copies", mode))
+        previous, self.driver = self.driver, mode
         return previous
 
 
@@ -366,30 +373,42 @@ def _lawa_sweep_buffers():
 
 
 @pytest.mark.skipif(fastavg.available_backends("cpu")["native"] is not None, reason="needs the native backend")
-def test_kernel_sweep_times_lawa_through_the_tma_and_checks_every_lawa_row():
-    """The sweep's LAWA rows through the TMA's bulk copies: at the build's threads and unroll with
-    set_bulk_rings at each stage size, over the default table and the longer ones asked for, only
-    where there are hooks. Every LAWA row of fastavg's kernels is checked once against a poisoned slot before timing:
-    a variant no GPU test has run would otherwise print a time for wrong output."""
-    from fastavg.table import CHUNK
-
+@pytest.mark.parametrize(
+    "marker, options, hook, expected",
+    [
+        ("TMA", ([1 << 15, 1 << 17], [8, 32], []), "bulk", {
+            "native, TMA 8 KB stages, rows of 2^15": (256, 1, False, 8, 0),
+            "native, TMA 32 KB stages, rows of 2^15": (256, 1, False, 32, 0),
+            "native, TMA 8 KB stages, rows of 2^17": (256, 1, False, 8, 0),
+            "native, TMA 32 KB stages, rows of 2^17": (256, 1, False, 32, 0),
+        }),
+        ("driver", ([], [], [1, 2]), "driver", {
+            "native, driver's batch copy": (256, 1, False, 0, 1),
+            "native, driver's batch copy, CE": (256, 1, False, 0, 2),
+        }),
+    ],
+    ids=["tma", "driver-copies"],
+)  # fmt: skip
+def test_kernel_sweep_times_lawa_through_the_tma_or_the_drivers_copies_and_checks_every_lawa_row(
+    marker, options, hook, expected
+):
+    """The sweep's LAWA rows through the TMA's bulk copies (set_bulk_rings at each stage size, over the
+    default table and the longer ones asked for) and as the driver's copies (set_driver_copies in each
+    mode asked for): at the build's threads and unroll, only where there are hooks. Every LAWA row of
+    fastavg's kernels is checked once against a poisoned slot before timing: a variant no GPU test has
+    run would otherwise print a time for wrong output."""
     sweep, tuning = _bench_script(), FakeTuningHooks()
     params, buffers, available = _lawa_sweep_buffers()
-    runs = sweep.lawa_question_rows(params, buffers, [], available, tuning, [CHUNK, 1 << 17], [8, 32])
-    bulk = {kernel: row for (_, kernel), row in runs.items() if "TMA" in kernel}
-    assert {k: v[1] for k, v in bulk.items()} == {
-        "native, TMA 8 KB stages, rows of 2^15": (256, 1, False, 8),
-        "native, TMA 32 KB stages, rows of 2^15": (256, 1, False, 32),
-        "native, TMA 8 KB stages, rows of 2^17": (256, 1, False, 8),
-        "native, TMA 32 KB stages, rows of 2^17": (256, 1, False, 32),
-    }
-    for fn, settings in bulk.values():
+    runs = sweep.lawa_question_rows(params, buffers, [], available, tuning, *options)
+    rows = {kernel: row for (_, kernel), row in runs.items() if marker in kernel}
+    assert {k: v[1] for k, v in rows.items()} == expected
+    for fn, settings in rows.values():
         with native_launch.launch_settings(tuning, *settings):
-            assert tuning.bulk == settings.bulk
+            assert getattr(tuning, hook) == getattr(settings, hook)
             assert sweep.writes_the_slot(fn, buffers)
-        assert tuning.bulk == 0
+        assert getattr(tuning, hook) == 0
     assert not sweep.writes_the_slot(lambda: None, buffers)  # a row that writes nothing is caught
-    assert not any("TMA" in k for _, k in sweep.lawa_question_rows(params, buffers, [], available, None))
+    assert not any(marker in k for _, k in sweep.lawa_question_rows(params, buffers, [], available, None, *options))
 
 
 @pytest.mark.skipif(fastavg.available_backends("cpu")["native"] is not None, reason="needs the native backend")
@@ -403,8 +422,8 @@ def test_kernel_sweep_times_lawa_with_a_block_per_row():
     runs = sweep.lawa_question_rows(params, buffers, [8, 1 << 15], available, tuning)
     per_row = {kernel: row for (update, kernel), row in runs.items() if "block per row" in kernel}
     assert {k: v[1] for k, v in per_row.items()} == {
-        "native, a block per row, rows of 2^3": (256, 1, True, 0),  # the stand-in's current settings
-        "native, a block per row, rows of 2^15": (256, 1, True, 0),
+        "native, a block per row, rows of 2^3": (256, 1, True, 0, 0),  # the stand-in's current settings
+        "native, a block per row, rows of 2^15": (256, 1, True, 0, 0),
     }
     for fn, settings in per_row.values():
         ring.fill_(float("nan"))
@@ -468,10 +487,10 @@ def test_kernel_sweep_native_rows_set_and_restore_their_tuning():
     tuning = FakeTuningHooks()
     lawa = sweep.native_rows("lawa", print, tuning, [256, 128], [1, 2])
     assert {k: v[1] for k, v in lawa.items()} == {
-        "native T=256": (256, 1, False, 0),
-        "native T=256 x2": (256, 2, False, 0),
-        "native T=128": (128, 1, False, 0),
-        "native T=128 x2": (128, 2, False, 0),
+        "native T=256": (256, 1, False, 0, 0),
+        "native T=256 x2": (256, 2, False, 0, 0),
+        "native T=128": (128, 1, False, 0, 0),
+        "native T=128 x2": (128, 2, False, 0, 0),
     }  # the persistent grid: the default table's rows over one block each are the question rows' job
     assert list(sweep.native_rows("ema", print, tuning, [128], [1, 2])) == ["native T=128"]
     assert sweep.native_rows("ema", print, None, [128], [1, 2]) == {"native": (print, None)}
@@ -501,8 +520,8 @@ def test_launch_settings_with_a_block_per_row_undo_every_setting_they_made():
 
 @pytest.mark.parametrize(
     "text, setting",
-    [("128", (128, 1, False, 0)), ("256x2", (256, 2, False, 0)), ("32x1", (32, 1, False, 0)),
-     ("128x2/row", (128, 2, True, 0)), ("64/row", (64, 1, True, 0))],
+    [("128", (128, 1, False, 0, 0)), ("256x2", (256, 2, False, 0, 0)), ("32x1", (32, 1, False, 0, 0)),
+     ("128x2/row", (128, 2, True, 0, 0)), ("64/row", (64, 1, True, 0, 0))],
 )  # fmt: skip
 def test_native_launch_settings_parse(text, setting):
     assert native_launch.parse_setting(text) == setting
@@ -510,26 +529,57 @@ def test_native_launch_settings_parse(text, setting):
 
 def test_native_launch_settings_with_the_tma_change_lawa_alone_only():
     assert (
-        native_launch.parse_setting("128/bulk") == (128, 1, False, native_launch.DEFAULT_BULK_KB) == (128, 1, False, 8)
+        native_launch.parse_setting("128/bulk")
+        == (128, 1, False, native_launch.DEFAULT_BULK_KB, 0)
+        == (128, 1, False, 8, 0)
     )
-    assert native_launch.parse_setting("128x2/row/bulk32") == (128, 2, True, 32)
+    assert native_launch.parse_setting("128x2/row/bulk32") == (128, 2, True, 32, 0)
     assert native_launch.label(*native_launch.parse_setting("128x2/bulk")) == "T=128 x2 bulk 8K"
     bulk = native_launch.Setting(128, 2, bulk=32)
     # LAWA alone's bulk kernel has no unroll; swap keeps its unroll and has no bulk kernel.
-    assert native_launch.effective("lawa", bulk) == (128, 1, False, 32)
-    assert native_launch.effective("swap", bulk) == (128, 2, False, 0)
-    assert native_launch.effective("ema", bulk) == (128, 1, False, 0)
+    assert native_launch.effective("lawa", bulk) == (128, 1, False, 32, 0)
+    assert native_launch.effective("swap", bulk) == (128, 2, False, 0, 0)
+    assert native_launch.effective("ema", bulk) == (128, 1, False, 0, 0)
     hooks = FakeTuningHooks()
     with native_launch.launch_settings(hooks, *bulk):
-        assert native_launch.current_settings(hooks) == (128, 2, False, 32)
-    assert native_launch.current_settings(hooks) == (256, 1, False, 0) and hooks.bulk == 0
+        assert native_launch.current_settings(hooks) == (128, 2, False, 32, 0)
+    assert native_launch.current_settings(hooks) == (256, 1, False, 0, 0) and hooks.bulk == 0
     with pytest.raises(ValueError, match="4, 8, 16 or 32 KB"):
         native_launch.set_bulk_rings(hooks, 12)  # refused by the hooks, nothing changed
     assert hooks.bulk == 0
 
 
+def test_native_launch_settings_with_the_drivers_copies_change_lawa_alone_only():
+    """``/copy`` and ``/copyce``: LAWA alone as one cudaMemcpyBatchAsync (the second asking for the
+    copy engines), whatever else the setting says; every other update keeps its kernels."""
+    assert native_launch.parse_setting("128/copy") == (128, 1, False, 0, native_launch.DRIVER_COPIES)
+    assert native_launch.parse_setting("128x2/row/bulk32/copyce") == (128, 2, True, 32, native_launch.DRIVER_COPIES_CE)
+    assert native_launch.label(*native_launch.parse_setting("128/copy")) == "T=128 driver copies"
+    assert native_launch.label(*native_launch.parse_setting("128/copyce")) == "T=128 driver copies CE"
+    copies = native_launch.parse_setting("128x2/row/bulk8/copy")
+    assert native_launch.effective("lawa", copies) == (128, 1, False, 0, 1)  # no kernel: no unroll, grid or TMA
+    assert native_launch.effective("swap", copies) == (128, 2, True, 0, 0)
+    assert native_launch.effective("ema", copies) == (128, 1, True, 0, 0)
+    assert native_launch.distinct("lawa", [native_launch.parse_setting("128/copy"), copies]) == [(128, 1, False, 0, 1)]
+    hooks = FakeTuningHooks()
+    with native_launch.launch_settings(hooks, *native_launch.parse_setting("128/copyce")):
+        assert native_launch.current_settings(hooks) == (128, 1, False, 0, 2)
+    assert native_launch.current_settings(hooks) == (256, 1, False, 0, 0) and hooks.driver == 0
+    with pytest.raises(ValueError, match="CUDA 13.0 or later"):
+        native_launch.set_driver_copies(hooks, 3)  # refused by the hooks, nothing changed
+    assert hooks.driver == 0
+
+
+def test_current_settings_of_a_build_without_the_drivers_copies():
+    """A build of CUDA before 13.0 refuses every mode of set_driver_copies, 0 too: its setting reads 0."""
+    hooks = FakeTuningHooks()
+    hooks.set_driver_copies = lambda mode: -1
+    assert native_launch.current_settings(hooks) == (256, 1, False, 0, 0)
+
+
 @pytest.mark.parametrize("text", ["", "x2", "128x", "128*2", "-128", "128 x2", "twelve", "/row", "128/rows", "128x2/",
-                                  "128/bulk/row", "/bulk", "128/tma", "128/bulk/bulk", "128/bulkx"])  # fmt: skip
+                                  "128/bulk/row", "/bulk", "128/tma", "128/bulk/bulk", "128/bulkx", "128/copy/bulk",
+                                  "128/copies", "128/copyCE", "/copy"])  # fmt: skip
 def test_malformed_native_launch_settings_are_refused(text):
     with pytest.raises(ValueError, match=r"THREADS\[xUNROLL\]\[/row\]"):
         native_launch.parse_setting(text)
@@ -537,7 +587,7 @@ def test_malformed_native_launch_settings_are_refused(text):
 
 def test_native_launch_settings_read_before_the_grid_was_one_are_on_the_persistent_grid():
     # Runs 6 and 7 recorded [threads, unroll]; the labels name the grid only where it is one block per row.
-    assert native_launch.Setting(*[128, 2]) == (128, 2, False, 0)
+    assert native_launch.Setting(*[128, 2]) == (128, 2, False, 0, 0)
     assert native_launch.label(*native_launch.Setting(128, 2)) == "T=128 x2"
     assert (
         native_launch.label(128, 2, True) == "T=128 x2 per row" and native_launch.label(256, 1, True) == "T=256 per row"
@@ -547,24 +597,24 @@ def test_native_launch_settings_read_before_the_grid_was_one_are_on_the_persiste
 def test_native_launches_per_update_skip_the_default_and_repeats():
     settings = [(128, 1), (256, 2), (128, 2), (256, 1)]  # as recorded before the grid was a setting
     # The unroll changes LAWA alone and swap only: for EMA, 256x2 is the default and 128x2 is 128.
-    assert cli.launches_for("ema", settings, (256, 1)) == [(128, 1, False, 0)]
-    assert cli.launches_for("all", settings, (256, 1)) == [(128, 1, False, 0)]
+    assert cli.launches_for("ema", settings, (256, 1)) == [(128, 1, False, 0, 0)]
+    assert cli.launches_for("all", settings, (256, 1)) == [(128, 1, False, 0, 0)]
     for update in ("lawa", "swap"):
         assert cli.launches_for(update, settings, (256, 1)) == [
-            (128, 1, False, 0),
-            (256, 2, False, 0),
-            (128, 2, False, 0),
+            (128, 1, False, 0, 0),
+            (256, 2, False, 0, 0),
+            (128, 2, False, 0, 0),
         ]
     # A default that unrolls: EMA's kernels run it as T=128, so only 256 is new there.
-    assert cli.launches_for("ema", settings, (128, 2)) == [(256, 1, False, 0)]
+    assert cli.launches_for("ema", settings, (128, 2)) == [(256, 1, False, 0, 0)]
     assert cli.launches_for("lawa", settings, (128, 2, False)) == [
-        (128, 1, False, 0),
-        (256, 2, False, 0),
-        (256, 1, False, 0),
+        (128, 1, False, 0, 0),
+        (256, 2, False, 0, 0),
+        (256, 1, False, 0, 0),
     ]
     # One block per row changes every update's launches; its unroll, again only LAWA's and swap's.
-    per_row = [(128, 2, True, 0), (128, 4, True, 0), (128, 4, False, 0)]
-    assert cli.launches_for("ema", per_row, (128, 2, False)) == [(128, 1, True, 0)]
+    per_row = [(128, 2, True, 0, 0), (128, 4, True, 0, 0), (128, 4, False, 0, 0)]
+    assert cli.launches_for("ema", per_row, (128, 2, False)) == [(128, 1, True, 0, 0)]
     assert cli.launches_for("lawa", per_row, (128, 2, False)) == per_row
     assert cli.launches_for("swap", per_row, (128, 2, True)) == per_row[1:]
 
@@ -577,7 +627,7 @@ def test_native_launch_needs_the_cuda_build(monkeypatch):
     monkeypatch.setattr(native_launch, "tuning_hooks", lambda: hooks)
     cuda = torch.device("cuda")
     assert cli.resolve_native_launches(["128", "256x2", "128x2/row"], cuda, ["native"]) == [
-        (128, 1, False, 0), (256, 2, False, 0), (128, 2, True, 0)
+        (128, 1, False, 0, 0), (256, 2, False, 0, 0), (128, 2, True, 0, 0)
     ]  # fmt: skip
     for bad, message in (("100/row", "multiple of 32"), ("128x3", "1, 2 or 4"), ("x", "THREADS")):
         with pytest.raises(SystemExit, match=message):
@@ -596,7 +646,7 @@ def test_native_rows_at_other_launch_settings_set_them_around_each_call(monkeypa
     params = [torch.nn.Parameter(torch.randn(s).bfloat16()) for s in [(7, 3), (5,)]]
     case = cases.fastavg_case("lawa", params, "native", launch=native_launch.Setting(128, 2))
     assert case.impl == "fastavg-native T=128 x2" and hooks.log == []
-    assert native_launch.current_settings(hooks) == (256, 1, False, 0) and hooks.state == [256, 1, 0]
+    assert native_launch.current_settings(hooks) == (256, 1, False, 0, 0) and hooks.state == [256, 1, 0]
     hooks.log.clear()
     case.step()
     assert hooks.log == [("threads", 128), ("unroll", 2), ("unroll", 1), ("threads", 256)]
@@ -626,28 +676,31 @@ def test_benchmark_adds_a_row_per_native_launch_setting_that_changes_the_update(
         native_launch.Setting(128, 2),
         native_launch.Setting(256, 1, True),
         native_launch.Setting(128, 2, bulk=8),
+        native_launch.Setting(128, 2, driver=native_launch.DRIVER_COPIES),
     ]
     monkeypatch.setattr(cli, "resolve_native_launches", lambda texts, device, backends: launches)
     path = tmp_path / "b.json"
     cli.main(["--quick", "--backends", "native", "--update", "ema", "lawa", "--dtype", "bf16", "--json", str(path)])
     header, *records = json.loads(path.read_text())
-    assert header["native_default"] == [256, 1, False, 0]
-    assert header["native_launches"] == [[128, 2, False, 0], [256, 1, True, 0], [128, 2, False, 8]]
+    assert header["native_default"] == [256, 1, False, 0, 0]
+    assert header["native_launches"] == [[128, 2, False, 0, 0], [256, 1, True, 0, 0], [128, 2, False, 8, 0],
+                                         [128, 2, False, 0, 1]]  # fmt: skip
     printed = capsys.readouterr().out.split("native % of copy by launch setting")[1].splitlines()
     names = [
         "T=256 (default)",
         "T=128 x2",
         "T=256 per row",
         "T=128 x2 bulk 8K",
+        "T=128 x2 driver copies",
     ]  # a line per setting, the default first
-    assert len(printed) == 5 and all(line.strip().startswith(name + " ") for line, name in zip(printed[1:], names))
+    assert len(printed) == 6 and all(line.strip().startswith(name + " ") for line, name in zip(printed[1:], names))
     native = [(r["update"], r["impl"]) for r in records if r["impl"].startswith("fastavg")]
     # The bulk copies change LAWA alone only, and have no unroll: "T=128 bulk 8K"; for EMA it is T=128.
     assert native == [("ema", "fastavg-native"), ("ema", "fastavg-native T=128"),
                       ("ema", "fastavg-native T=256 per row"), ("lawa", "fastavg-native"),
                       ("lawa", "fastavg-native T=128 x2"), ("lawa", "fastavg-native T=256 per row"),
-                      ("lawa", "fastavg-native T=128 bulk 8K")]  # fmt: skip
-    assert hooks.state == [256, 1, 0] and hooks.bulk == 0
+                      ("lawa", "fastavg-native T=128 bulk 8K"), ("lawa", "fastavg-native T=128 driver copies")]  # fmt: skip
+    assert hooks.state == [256, 1, 0] and hooks.bulk == 0 and hooks.driver == 0
 
 
 def test_native_percentages_by_setting_fill_in_the_rows_a_setting_does_not_change():
@@ -711,11 +764,13 @@ def test_gpu_check_script_parses_and_summarises_a_run(tmp_path):
     (tmp_path / "env_and_install.txt").write_text(
         "install + native build: 31 s\nstage install: 40 s\nstage 1 of the build\nstage bench: 71 s\n"
         "bulk probe: ok, 170113 elements into 1 and 2 rings by the TMA's bulk copies in 0.41 s\n"
+        "driver copy probe: FAILED, invalid argument (mode 1, 1 ring(s))\n"
     )
     sweep_lines = [
         "lawa     native T=128 x2                             0.1320     3767   90.2%",
         "lawa     native, TMA 8 KB stages, rows of 2^15       0.0100    49000 1173.0%  WRONG: the ring slot differs "
         "from the parameters",
+        "lawa     native, driver's batch copy              FAILED: fastavg_native::update_: CUDA launch failed",
     ]
     (tmp_path / "step_overhead.txt").write_text("\n".join(["native  step, LAWA due     44.6 us", *sweep_lines]) + "\n")
     result = subprocess.run([sys.executable, "-c", summary_code, str(tmp_path), "0", "0"], capture_output=True,
@@ -723,7 +778,7 @@ def test_gpu_check_script_parses_and_summarises_a_run(tmp_path):
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["copy_gbps"] == header["copy_gbps"]
-    assert summary["kernel_sweep"] == sweep_lines  # a row marked WRONG too, though it ends in no unit
+    assert summary["kernel_sweep"] == sweep_lines  # rows marked WRONG or FAILED too, though they end in no unit
     assert summary["step_overhead_us"] == ["native  step, LAWA due     44.6 us"]
     assert summary["bench_complete"] is None  # run 5 wrote its file once, before the flag existed
     assert summary["fastavg_pct_of_copy"]["fastavg-native lawa bfloat16"] == 88.9
@@ -732,7 +787,8 @@ def test_gpu_check_script_parses_and_summarises_a_run(tmp_path):
     assert by_launch["T=256 per row"]["lawa bfloat16"] == 90.9
     assert summary["stage_s"] == {"install": 40, "bench": 71} and summary["build"] == ["install + native build: 31 s"]
     assert summary["bulk_probe"] == [
-        "bulk probe: ok, 170113 elements into 1 and 2 rings by the TMA's bulk copies in 0.41 s"
+        "bulk probe: ok, 170113 elements into 1 and 2 rings by the TMA's bulk copies in 0.41 s",
+        "driver copy probe: FAILED, invalid argument (mode 1, 1 ring(s))",
     ]
     # Host times: the rows that have them (run 5's records predate them).
     assert summary["fastavg_host_ms"]["fastavg-native T=128 lawa bfloat16"] == 0.071
@@ -744,13 +800,15 @@ def test_gpu_check_script_parses_and_summarises_a_run(tmp_path):
     assert "no bench results" in summary["bench"] and "native_pct_of_copy_by_launch" not in summary
 
 
-def test_bulk_probe_has_nothing_to_probe_without_a_gpu(capsys):
-    """bench/bulk_probe.py (run by gpu_check.sh before anything uses the TMA's copies): exit 2 and a
-    line saying so where there is no GPU or no native CUDA build; gpu_check.sh then leaves them out."""
+@pytest.mark.parametrize("argv, name", [([], "bulk probe"), (["--driver-copies"], "driver copy probe")])
+def test_bulk_probe_has_nothing_to_probe_without_a_gpu(capsys, argv, name):
+    """bench/bulk_probe.py (run by gpu_check.sh before anything uses the TMA's or the driver's
+    copies): exit 2 and a line saying so where there is no GPU or no native CUDA build; gpu_check.sh
+    then leaves them out."""
     if torch.cuda.is_available():
         pytest.skip("a GPU: the probe runs for real (gpu_check.sh)")
-    assert _bench_script("bulk_probe").main() == 2
-    assert capsys.readouterr().out.startswith("bulk probe: nothing to probe")
+    assert _bench_script("bulk_probe").main(argv) == 2
+    assert capsys.readouterr().out.startswith(f"{name}: nothing to probe")
 
 
 def test_native_error_probe_reports_a_crash_and_what_each_error_path_raised():

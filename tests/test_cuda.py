@@ -22,6 +22,12 @@ def _unless_bulk_left_out():
         pytest.skip("gpu_check.sh's bulk probe failed: the TMA's copies are left out of this run")
 
 
+def _unless_driver_copies_left_out():
+    # The same for the driver's copies (bulk_probe.py --driver-copies): a batch the driver refused.
+    if os.environ.get("FASTAVG_SKIP_DRIVER_COPIES"):
+        pytest.skip("gpu_check.sh's driver copy probe failed: the driver's copies are left out of this run")
+
+
 @pytest.fixture(params=CUDA_BACKENDS)
 def cuda_backend(request):
     return request.param
@@ -91,37 +97,42 @@ def test_gpt2_sized_update_matches_torch_backend(dtype, cuda_backend):
 
 
 @pytest.mark.parametrize(
-    "threads, unroll, block_per_row, bulk",
-    [(256, 1, False, 0), (128, 1, False, 0), (256, 2, False, 0), (128, 2, False, 0),
-     (128, 4, False, 0), (128, 2, True, 0), (128, 2, False, 8), (128, 2, True, 32), (256, 1, False, 4)],
+    "threads, unroll, block_per_row, bulk, driver",
+    [(256, 1, False, 0, 0), (128, 1, False, 0, 0), (256, 2, False, 0, 0), (128, 2, False, 0, 0),
+     (128, 4, False, 0, 0), (128, 2, True, 0, 0), (128, 2, False, 8, 0), (128, 2, True, 32, 0), (256, 1, False, 4, 0),
+     (128, 2, False, 0, 1), (128, 2, False, 0, 2)],
 )  # fmt: skip
-def test_native_kernels_at_the_sweeps_settings(threads, unroll, block_per_row, bulk):
+def test_native_kernels_at_the_sweeps_settings(threads, unroll, block_per_row, bulk, driver):
     """bench/kernel_sweep.py times the native kernels at 256 and 128 threads per block, at one, two
     and four vectors per thread per pass, with one block per table row, and LAWA alone through the
-    TMA's copies (tuning hooks, not ops): they must give the same results at each, LAWA-only steps
-    included, and the hooks refuse other settings without raising in C++ (their old error, a number
-    in its message, crashed the process on the H200 image, run 6: error_text.h)."""
+    TMA's or the driver's copies (tuning hooks, not ops): they must give the same results at each,
+    LAWA-only steps included, and the hooks refuse other settings without raising in C++ (their old
+    error, a number in its message, crashed the process on the H200 image, run 6: error_text.h)."""
     if "native" not in CUDA_BACKENDS:
         pytest.skip(fastavg.available_backends("cuda")["native"])
     if bulk:
         _unless_bulk_left_out()
+    if driver:
+        _unless_driver_copies_left_out()
     from fastavg.bench import native_launch
 
     tuning = torch.ops.fastavg_native_tuning
     default = native_launch.current_settings(tuning)
     assert tuning.set_block_threads(100) == -1 and tuning.set_unroll(3) == -1 and tuning.set_block_per_row(2) == -1
     assert tuning.set_bulk_rings(2) == -1 and tuning.set_bulk_rings(12) == -1 and tuning.set_bulk_rings(64) == -1
+    assert tuning.set_driver_copies(3) == -1 and tuning.set_driver_copies(-1) == -1
     with pytest.raises(ValueError, match="multiple of 32"):
         native_launch.set_block_threads(tuning, 100)
     with pytest.raises(ValueError, match="1, 2 or 4"):
         native_launch.set_unroll(tuning, 3)
-    assert native_launch.current_settings(tuning) == default == (128, 2, False, 0)  # the build's defaults
-    with native_launch.launch_settings(tuning, threads, unroll, block_per_row, bulk):
+    assert native_launch.current_settings(tuning) == default == native_launch.Setting(128, 2)  # the build's defaults
+    with native_launch.launch_settings(tuning, threads, unroll, block_per_row, bulk, driver):
         _gpt2_sized_update_matches_torch_backend(torch.bfloat16, "native")
         _gpt2_sized_update_matches_torch_backend(torch.bfloat16, "native", {"lawa": LAWA(window=3, every=1)})
     assert native_launch.current_settings(tuning) == default
     assert native_launch.set_block_per_row(tuning, False) is False  # the persistent grid is back
     assert native_launch.set_bulk_rings(tuning, 0) == 0  # and the vector kernel for LAWA alone
+    assert tuning.set_driver_copies(0) in (0, -1)  # not the driver's copies (-1: a build of CUDA before 13)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
@@ -157,7 +168,77 @@ def test_native_lawa_through_the_tma_writes_every_element(dtype, misaligned):
                     assert torch.equal(ring[slot], expected), (kb, rows.shape, count)
                     assert all(ring[other].isnan().all() for other in range(3) if other != slot)
                     assert s[:, n:].isnan().all()
-    assert native_launch.current_settings(tuning) == (128, 2, False, 0)
+    assert native_launch.current_settings(tuning) == native_launch.Setting(128, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("misaligned", [False, True])
+@pytest.mark.parametrize("side_stream", [False, True])
+def test_native_lawa_as_the_drivers_copies_writes_every_element(dtype, misaligned, side_stream):
+    """set_driver_copies (the sweep's `driver's batch copy` rows, fastavg-bench's `/copy`): LAWA alone
+    as one cudaMemcpyBatchAsync, in both modes, one to three rings, odd sizes, views one element off
+    and an empty parameter, against poisoned slots. On torch's default stream the batch goes to the
+    per-thread default stream (the legacy one is refused): the copies must see the parameters as the
+    stream's earlier work left them, and its later work must see the copies, with no synchronize."""
+    if "native" not in CUDA_BACKENDS:
+        pytest.skip(fastavg.available_backends("cuda")["native"])
+    _unless_driver_copies_left_out()
+    from test_ops import _bind, _params
+
+    from fastavg.bench import native_launch
+
+    params = _params([1, 7, 0, 4099, (1 << 22) + 3, 70000], dtype, "cuda", misaligned=misaligned)
+    impls, flat, table = _bind("native", params, "cuda")
+    n = sum(p.numel() for p in params)
+    storage = [torch.empty(3, -(-n // 8) * 8 + 8, dtype=dtype, device="cuda") for _ in range(3)]
+    rings = [s[:, :n] for s in storage]
+    tuning = torch.ops.fastavg_native_tuning
+    stream = torch.cuda.Stream() if side_stream else torch.cuda.current_stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for mode, count in itertools.product((1, 2), (1, 2, 3)):
+            with native_launch.launch_settings(tuning, 128, 2, driver=mode):
+                for s in storage:
+                    s.fill_(float("nan"))
+                for p in flat:
+                    p.add_(1)  # queued just before the copies, on the same stream
+                impls["update_"](flat, table, [], [], rings[:count], [2, 0, 1][:count])
+                expected = torch.cat(flat)  # queued just after them
+                for s, ring, slot in zip(storage, rings[:count], [2, 0, 1]):
+                    assert torch.equal(ring[slot], expected), (mode, count)
+                    assert all(ring[other].isnan().all() for other in range(3) if other != slot)
+                    assert s[:, n:].isnan().all()
+    assert native_launch.current_settings(tuning) == native_launch.Setting(128, 2)
+
+
+def test_native_drivers_copies_leave_a_captured_graph_to_the_kernels():
+    """Into a CUDA graph being captured, LAWA alone takes the kernels even with set_driver_copies on
+    (ops_cuda.h's capturing): the replay writes the slot the parameters hold at replay time."""
+    if "native" not in CUDA_BACKENDS:
+        pytest.skip(fastavg.available_backends("cuda")["native"])
+    _unless_driver_copies_left_out()
+    from test_ops import _bind, _params
+
+    from fastavg.bench import native_launch
+
+    params = _params([7, 4099, 70000], torch.bfloat16, "cuda")
+    impls, flat, table = _bind("native", params, "cuda")
+    n = sum(p.numel() for p in params)
+    ring = torch.full((2, -(-n // 8) * 8), float("nan"), dtype=torch.bfloat16, device="cuda")[:, :n]
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    with native_launch.launch_settings(torch.ops.fastavg_native_tuning, 128, 2, driver=1):
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # a first call outside the graph, as torch asks
+            impls["update_"](flat, table, [], [], [ring], [1])
+        torch.cuda.current_stream().wait_stream(stream)
+        with torch.cuda.graph(graph):
+            impls["update_"](flat, table, [], [], [ring], [1])
+    for p in flat:
+        p.mul_(2)
+    ring.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(ring[1], torch.cat(flat)) and ring[0].isnan().all()
 
 
 def test_benchmark_times_native_launch_settings_through_the_real_hooks():
@@ -168,10 +249,11 @@ def test_benchmark_times_native_launch_settings_through_the_real_hooks():
     if "native" not in CUDA_BACKENDS:
         pytest.skip(fastavg.available_backends("cuda")["native"])
     hooks, cuda = native_launch.tuning_hooks(), torch.device("cuda")
-    assert hooks is not None and native_launch.current_settings(hooks) == (128, 2, False, 0)
+    assert hooks is not None and native_launch.current_settings(hooks) == native_launch.Setting(128, 2)
     # Resolving only sets and restores the hooks: no launch, so the bulk setting is safe here.
-    assert cli.resolve_native_launches(["256", "256x2", "128x2/row", "128x2/bulk32"], cuda, ["native"]) == [
-        (256, 1, False, 0), (256, 2, False, 0), (128, 2, True, 0), (128, 2, False, 32)
+    assert cli.resolve_native_launches(["256", "256x2", "128x2/row", "128x2/bulk32", "128x2/copyce"], cuda,
+                                       ["native"]) == [
+        (256, 1, False, 0, 0), (256, 2, False, 0, 0), (128, 2, True, 0, 0), (128, 2, False, 32, 0), (128, 2, False, 0, 2)
     ]  # fmt: skip
     with pytest.raises(SystemExit, match="128x3"):
         cli.resolve_native_launches(["128x3"], cuda, ["native"])
@@ -180,8 +262,10 @@ def test_benchmark_times_native_launch_settings_through_the_real_hooks():
     cases.fastavg_case("lawa", params, "native", launch=native_launch.Setting(128, 4, True)).step()
     if not os.environ.get("FASTAVG_SKIP_BULK"):  # gpu_check.sh's bulk probe passed (or this is not gpu_check)
         cases.fastavg_case("lawa", params, "native", launch=native_launch.Setting(128, 2, bulk=8)).step()
+    if not os.environ.get("FASTAVG_SKIP_DRIVER_COPIES"):  # and its probe of the driver's copies
+        cases.fastavg_case("lawa", params, "native", launch=native_launch.Setting(128, 2, driver=1)).step()
     torch.cuda.synchronize()
-    assert native_launch.current_settings(hooks) == (128, 2, False, 0)
+    assert native_launch.current_settings(hooks) == native_launch.Setting(128, 2)
 
 
 def _gpt2_sized_update_matches_torch_backend(dtype, backend, specs=SPECS):

@@ -37,12 +37,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         nargs="+",
         default=[],
         metavar="SETTING",
-        help="also time the native CUDA kernels at these launch settings, THREADS[xUNROLL][/row][/bulk[KB]] "
+        help="also time the native CUDA kernels at these launch settings, "
+        "THREADS[xUNROLL][/row][/bulk[KB]][/copy|/copyce] "
         "(threads per block; vectors per thread per pass, 1, 2 or 4 times one, for LAWA alone and "
         "swap; /row: one block per table row, not the persistent grid; /bulk: LAWA alone through the "
-        "TMA's bulk copies, sm_90 and later, in shared-memory stages of 8 KB or KB: 4, 8, 16, 32): "
-        "e.g. 256 128x4 128x2/row 128x2/bulk32. "
-        "Rows 'fastavg-native T=128', 'fastavg-native T=128 x2 per row', 'fastavg-native T=128 bulk 32K', ...",
+        "TMA's bulk copies, sm_90 and later, in shared-memory stages of 8 KB or KB: 4, 8, 16, 32; "
+        "/copy: LAWA alone as the driver's copies, one cudaMemcpyBatchAsync, CUDA 13 builds; /copyce: "
+        "the same, asking for the copy engines): e.g. 256 128x4 128x2/row 128x2/bulk32 128/copy. "
+        "Rows 'fastavg-native T=128', 'fastavg-native T=128 x2 per row', 'fastavg-native T=128 bulk 32K', "
+        "'fastavg-native T=128 driver copies', ...",
     )
     parser.add_argument(
         "--repeats", type=int, default=None, help="timed samples (default 30 on GPU, 5 calls each; 10 on CPU)"
@@ -108,7 +111,7 @@ def resolve_backends(requested, device: torch.device) -> list[str]:
 
 
 def resolve_native_launches(texts: list[str], device: torch.device, backends: list[str]) -> list[native_launch.Setting]:
-    """``--native-launch``: (threads, unroll, per row, bulk) settings the CUDA build accepts; a clear
+    """``--native-launch``: (threads, unroll, per row, bulk, driver) settings the CUDA build accepts; a clear
     error otherwise, before anything is timed."""
     if not texts:
         return []
