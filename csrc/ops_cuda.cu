@@ -65,8 +65,8 @@ std::atomic<int> bulk_stage_kb{0};
 // and the copy bandwidth it is measured against is the driver's (torch's copy_ of a contiguous
 // tensor is a cudaMemcpyAsync), while every fastavg kernel that writes as much as it reads stays at
 // 90-92% of it (H200, runs 6 and 7). cudaMemcpyBatchAsync moves the parameters in one call, as the
-// driver copies: a question for the sweep and the benchmark. Its flag in cudaMemcpyBatchAsync's
-// form of CUDA 13 (12.8 and 12.9 spell it another way, which nothing here compiles).
+// driver copies: a question for the sweep and the benchmark. kHasBatchCopies: whether this build has
+// the call in CUDA 13's form (12.8 and 12.9 spell it another way, which nothing here compiles).
 std::atomic<int> driver_copy_mode{0};
 #if CUDART_VERSION >= 13000
 constexpr bool kHasBatchCopies = true;
