@@ -800,6 +800,30 @@ def test_gpu_check_script_parses_and_summarises_a_run(tmp_path):
     assert "no bench results" in summary["bench"] and "native_pct_of_copy_by_launch" not in summary
 
 
+@pytest.mark.parametrize(
+    "elapsed, stage_limit, minimum, expected",
+    [(0, 150, "", "150"), (300, 150, "", "95"), (390, 40, "40", None), (395, 90, "20", None), (380, 60, "", "15")],
+)
+def test_gpu_check_cuts_each_stage_to_what_is_left_of_the_call(tmp_path, elapsed, stage_limit, minimum, expected):
+    """gpu_check.sh's limit(): a stage gets its own limit or what is left of CALL_S less 25 s for the
+    summary, whichever is less, and is skipped (saying so, in the install log too) below its minimum
+    (10 s unless given), so that a run's summary is written inside the device tool's limit."""
+    import pathlib
+    import subprocess
+
+    script = (pathlib.Path(__file__).resolve().parent.parent / "bench" / "gpu_check.sh").read_text()
+    start = script.index("limit() {")
+    function = script[start : script.index("\n}\n", start) + 2]
+    log = tmp_path / "log"
+    code = f"log={log}; CALL_S=420; started=$(( $(date +%s) - {elapsed} ))\n{function}\nlimit a-stage {stage_limit} {minimum}"
+    result = subprocess.run(["bash", "-c", code], capture_output=True, text=True)
+    if expected is None:
+        assert result.returncode == 1 and result.stdout == ""
+        assert "a-stage skipped" in result.stderr and "a-stage skipped" in log.read_text()
+    else:  # a second may pass between the two clocks
+        assert result.returncode == 0 and int(expected) - 1 <= int(result.stdout) <= int(expected)
+
+
 @pytest.mark.parametrize("argv, name", [([], "bulk probe"), (["--driver-copies"], "driver copy probe")])
 def test_bulk_probe_has_nothing_to_probe_without_a_gpu(capsys, argv, name):
     """bench/bulk_probe.py (run by gpu_check.sh before anything uses the TMA's or the driver's
