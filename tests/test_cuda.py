@@ -26,6 +26,13 @@ def _unless_driver_copies_left_out():
     # The same for the driver's copies (bulk_probe.py --driver-copies): a batch the driver refused.
     if os.environ.get("FASTAVG_SKIP_DRIVER_COPIES"):
         pytest.skip("gpu_check.sh's driver copy probe failed: the driver's copies are left out of this run")
+    if not _has_driver_copies():
+        pytest.skip("a build of CUDA before 13.0: no driver's copies")
+
+
+def _has_driver_copies() -> bool:
+    # Builds of CUDA before 13.0 refuse every mode of set_driver_copies, 0 (off) too.
+    return torch.ops.fastavg_native_tuning.set_driver_copies(0) == 0
 
 
 @pytest.fixture(params=CUDA_BACKENDS)
@@ -251,10 +258,14 @@ def test_benchmark_times_native_launch_settings_through_the_real_hooks():
     hooks, cuda = native_launch.tuning_hooks(), torch.device("cuda")
     assert hooks is not None and native_launch.current_settings(hooks) == native_launch.Setting(128, 2)
     # Resolving only sets and restores the hooks: no launch, so the bulk setting is safe here.
-    assert cli.resolve_native_launches(["256", "256x2", "128x2/row", "128x2/bulk32", "128x2/copyce"], cuda,
-                                       ["native"]) == [
-        (256, 1, False, 0, 0), (256, 2, False, 0, 0), (128, 2, True, 0, 0), (128, 2, False, 32, 0), (128, 2, False, 0, 2)
+    assert cli.resolve_native_launches(["256", "256x2", "128x2/row", "128x2/bulk32"], cuda, ["native"]) == [
+        (256, 1, False, 0, 0), (256, 2, False, 0, 0), (128, 2, True, 0, 0), (128, 2, False, 32, 0)
     ]  # fmt: skip
+    if _has_driver_copies():
+        assert cli.resolve_native_launches(["128x2/copyce"], cuda, ["native"]) == [(128, 2, False, 0, 2)]
+    else:
+        with pytest.raises(SystemExit, match="CUDA 13.0 or later"):
+            cli.resolve_native_launches(["128x2/copyce"], cuda, ["native"])
     with pytest.raises(SystemExit, match="128x3"):
         cli.resolve_native_launches(["128x3"], cuda, ["native"])
     params = [torch.nn.Parameter(torch.randn(4099, device="cuda").bfloat16())]
@@ -262,7 +273,7 @@ def test_benchmark_times_native_launch_settings_through_the_real_hooks():
     cases.fastavg_case("lawa", params, "native", launch=native_launch.Setting(128, 4, True)).step()
     if not os.environ.get("FASTAVG_SKIP_BULK"):  # gpu_check.sh's bulk probe passed (or this is not gpu_check)
         cases.fastavg_case("lawa", params, "native", launch=native_launch.Setting(128, 2, bulk=8)).step()
-    if not os.environ.get("FASTAVG_SKIP_DRIVER_COPIES"):  # and its probe of the driver's copies
+    if not os.environ.get("FASTAVG_SKIP_DRIVER_COPIES") and _has_driver_copies():  # and its driver copy probe
         cases.fastavg_case("lawa", params, "native", launch=native_launch.Setting(128, 2, driver=1)).step()
     torch.cuda.synchronize()
     assert native_launch.current_settings(hooks) == native_launch.Setting(128, 2)
