@@ -33,6 +33,8 @@ from fastavg.table import CHUNK, build_table
 
 # (averages, rings) due: EMA alone, LAWA alone, EMA and LAWA, all three; and swap (averaged() in and out).
 UPDATES = {"ema": (1, 0), "lawa": (0, 1), "ema+lawa": (1, 1), "all": (2, 1), "swap": None}
+# The sweep's rows of LAWA alone as the driver's copies, by set_driver_copies' mode.
+DRIVER_ROWS = {DRIVER_COPIES: "native, driver's batch copy", DRIVER_COPIES_CE: "native, driver's batch copy, CE"}
 
 
 def bytes_per_element(name: str) -> int:
@@ -167,9 +169,9 @@ def lawa_question_rows(
     # into the slot, the driver's own copy as the baseline's, with no kernel of fastavg's. If these
     # land near torch's copy_ row while torch's neg lands near fastavg's kernels, the driver's copy
     # is what reaches the baseline, and it becomes LAWA alone's path.
+    copies = native_run("lawa", buffers) if native else None
     for mode in driver_modes if native else ():
-        what = {DRIVER_COPIES: "native, driver's batch copy", DRIVER_COPIES_CE: "native, driver's batch copy, CE"}
-        runs[("lawa", what[mode])] = (native_run("lawa", buffers), build_setting._replace(driver=mode))
+        runs[("lawa", DRIVER_ROWS[mode])] = (copies, build_setting._replace(driver=mode))
     # LAWA alone is a copy: the parameters into a ring slot, read once and written once, as the copy
     # baseline. torch's copy of the same bytes as one contiguous tensor (cudaMemcpyAsync, the driver's
     # copy) says how near 100% a transfer of that size comes; torch.neg into another tensor is an
