@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastavg.train import cli, data, loop
+from fastavg.train import cli, data, loop, report
 from fastavg.train.model import GPT, config_for
 
 TEXT = ("def f(x):\n    return x * 2  # a line of python\n" * 400).encode()
@@ -116,6 +116,14 @@ def test_tiny_run_end_to_end(tmp_path, text_file, capsys):
 
 class _Interrupt(Exception):
     pass
+
+
+def test_final_line_names_the_winner_and_its_margin():
+    line = report.final_line({"raw": 1.3863, "ema": 1.4001, "swa": 1.39, "lawa": 1.3791})
+    assert line == "lowest validation loss 1.3791 by lawa, 0.0072 below the raw weights' 1.3863"
+    line = report.final_line({"raw": 2.8239, "ema": 3.2473, "lawa": 2.9445})
+    assert line == "lowest validation loss 2.8239 by raw; the nearest average, lawa, 2.9445"
+    assert report.final_line({"raw": 2.5}) == "lowest validation loss 2.5000 by raw"
 
 
 def test_resume_after_an_interruption_is_bit_exact(tmp_path, text_file, monkeypatch):

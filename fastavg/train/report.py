@@ -65,10 +65,22 @@ def finish(out: str, model, opt, metrics_path: str) -> None:
     print("\nvalidation loss (* = lowest at that step)")
     print(summary_table(records))
     final = {k: v for k, v in records[-1]["val_loss"].items() if v is not None}
-    best = min(final, key=final.get)
-    print(f"\nfinal: lowest validation loss {final[best]:.4f} by {best}; raw {final['raw']:.4f}")
+    print("\nfinal: " + final_line(final))
     print(f"outputs in {out}: metrics.jsonl, {'val_loss.png, ' if plotted else ''}model_raw.pt, "
           + ", ".join(f"model_{n}.pt" for n in opt.names) + ", ckpt.pt")  # fmt: skip
+
+
+def final_line(final: dict[str, float]) -> str:
+    """Which weights reached the lowest validation loss, and their margin over the nearest rival."""
+    best = min(final, key=final.get)
+    line = f"lowest validation loss {final[best]:.4f} by {best}"
+    if best != "raw":
+        return line + f", {final['raw'] - final[best]:.4f} below the raw weights' {final['raw']:.4f}"
+    averages = {k: v for k, v in final.items() if k != "raw"}
+    if not averages:
+        return line
+    nearest = min(averages, key=averages.get)
+    return line + f"; the nearest average, {nearest}, {averages[nearest]:.4f}"
 
 
 def check_identical_averages(opt, world: int, rank: int) -> None:
