@@ -85,6 +85,14 @@ def _check_param(name: str, p: torch.Tensor) -> None:
             f"parameter {name!r} is a {kind}, a tensor subclass that redirects its operations; fastavg "
             "averages plain tensors in memory"
         )
+    if p.is_meta:
+        # No values to average, and data_ptr() is 0 for every meta tensor, so the check for
+        # replaced parameters could not see the model materialised behind the optimizer's back.
+        raise ValueError(
+            f"parameter {name!r} is on the meta device and holds no values; materialise the model "
+            "(model.to_empty(device=...) and initialise it, or load its weights) before building the "
+            "optimizer and wrapping it"
+        )
     if p.is_sparse or p.layout != torch.strided:
         raise ValueError(f"parameter {name!r} is sparse ({p.layout}); only dense tensors can be averaged")
     if not p.is_floating_point():

@@ -18,6 +18,15 @@ def test_sparse_parameter_raises_value_error():
         fastavg.Averager([torch.eye(3).to_sparse()], "ema")
 
 
+def test_meta_parameter_raises_value_error_naming_it():
+    # Deferred initialisation builds the model on the meta device; wrapping before it is
+    # materialised would average nothing, and to_empty() would go unnoticed (every data_ptr is 0).
+    with torch.device("meta"):
+        model = torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="'weight' is on the meta device.*materialise"):
+        fastavg.Averager(model.named_parameters(), "ema")
+
+
 def test_gapped_parameter_raises_value_error():
     with pytest.raises(ValueError, match="dense"):
         fastavg.Averager([torch.zeros(4, 4)[:, ::2]], "ema")
