@@ -67,7 +67,25 @@ def collect_params(params) -> tuple[list[torch.Tensor], list[str]]:
         names[i] = names[i] or f"param {i}"
     for name, p in zip(names, tensors):
         _check_param(name, p)
+    _check_no_shared_memory(tensors, names)
     return tensors, names
+
+
+def _check_no_shared_memory(tensors: list[torch.Tensor], names: list[str]) -> None:
+    """ValueError if two parameters share memory (two Parameters over one tensor, or overlapping
+    views): swapping an average into one would change the other, whose backup would then hold the
+    average, and the training values could not come back."""
+    spans = sorted(
+        (str(p.device), p.data_ptr(), p.data_ptr() + p.numel() * p.element_size(), name)
+        for p, name in zip(tensors, names)
+        if p.numel() > 0  # dense (checked above): the elements fill [data_ptr, data_ptr + bytes)
+    )
+    for (device, _, end, name), (next_device, start, _, next_name) in zip(spans, spans[1:]):
+        if device == next_device and start < end:
+            raise ValueError(
+                f"parameters {name!r} and {next_name!r} share memory; average each tensor once "
+                "(tied weights: one Parameter object, listed once)"
+            )
 
 
 def _check_param(name: str, p: torch.Tensor) -> None:
