@@ -240,7 +240,7 @@ def make_groups(params: list[torch.Tensor], names: list[str], dtype, backend: st
             [names[i] for i in index],
             index,
             dtype or default_average_dtype(param_dtype),
-            resolve_backend(backend, device),
+            resolve_backend(backend, device, param_dtype),
         )
         for (device, param_dtype), index in members.items()
     ]

@@ -7,7 +7,7 @@ import functools
 
 import torch
 
-from .ops import SCHEMAS, Backend, add_backend
+from .ops import KERNEL_DTYPES, SCHEMAS, Backend, add_backend
 from .table import build_table
 
 try:
@@ -108,5 +108,6 @@ BACKEND = Backend(
     make_table=_make_table,
     # H200, GPT-2 shapes (bench/results): faster than triton on every update in the run with both.
     speed_rank={"cpu": 1, "cuda": 3},
+    param_dtypes=KERNEL_DTYPES,
 )
 add_backend(BACKEND)

@@ -79,6 +79,10 @@ def update_launches(averages, weights, rings, slots, max_averages: int, max_ring
     ]
 
 
+# The parameter dtypes of the Triton and native kernels (float8 weights: the torch reference).
+KERNEL_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+
+
 @dataclass
 class Backend:
     """One backend: direct callables for eager mode, registered ops for tracing, and availability."""
@@ -91,6 +95,8 @@ class Backend:
     unavailable: Callable[[torch.device], str | None]
     make_table: Callable  # FlatGroup -> the table tensor its ops take (built once per group)
     speed_rank: dict[str, int] = field(default_factory=dict)  # device type -> rank; "auto" takes the highest
+    # The parameter dtypes its kernels take; None: every floating dtype (the torch reference).
+    param_dtypes: frozenset[torch.dtype] | None = None
 
     def call(self, op: str, *args) -> None:
         """Run ``op``: the implementation directly in eager mode, the registered op when compiling."""
@@ -143,8 +149,9 @@ def available_backends(device=None) -> dict[str, str | None]:
     return out
 
 
-def resolve_backend(name: str, device) -> Backend:
-    """The backend to run on ``device`` (a str or torch.device): ``name`` itself, or the fastest available for "auto"."""
+def resolve_backend(name: str, device, param_dtype: torch.dtype | None = None) -> Backend:
+    """The backend to run on ``device`` (a str or torch.device), for parameters of ``param_dtype``
+    when given: ``name`` itself, or the fastest available for "auto"."""
     if not isinstance(name, str):
         raise TypeError(f"backend must be a str, got {type(name).__name__}")
     if name != "auto" and name not in BACKEND_NAMES:
@@ -152,11 +159,22 @@ def resolve_backend(name: str, device) -> Backend:
     device = _as_device(device)
     reasons = available_backends(device)
     if name == "auto":
-        usable = [_BACKENDS[n] for n, why in reasons.items() if why is None]
+        usable = [_BACKENDS[n] for n, why in reasons.items() if why is None and _takes(_BACKENDS[n], param_dtype)]
         return max(usable, key=lambda b: b.speed_rank.get(device.type, 0))
     if reasons[name] is not None:
         raise RuntimeError(f"backend {name!r} is not available for {device.type} tensors: {reasons[name]}")
-    return _BACKENDS[name]
+    backend = _BACKENDS[name]
+    if not _takes(backend, param_dtype):
+        taken = ", ".join(str(d).removeprefix("torch.") for d in sorted(backend.param_dtypes, key=str))
+        raise RuntimeError(
+            f"backend {name!r} cannot average {str(param_dtype).removeprefix('torch.')} parameters: its kernels "
+            f"take {taken}; backend='torch' (or 'auto') averages every floating dtype"
+        )
+    return backend
+
+
+def _takes(backend: Backend, param_dtype: torch.dtype | None) -> bool:
+    return param_dtype is None or backend.param_dtypes is None or param_dtype in backend.param_dtypes
 
 
 def _load_backends() -> None:

@@ -13,7 +13,7 @@ import re
 
 import torch
 
-from .ops import NAMESPACES, SCHEMAS, Backend, add_backend, register_python_ops
+from .ops import KERNEL_DTYPES, NAMESPACES, SCHEMAS, Backend, add_backend, register_python_ops
 
 
 @functools.cache
@@ -97,5 +97,6 @@ BACKEND = Backend(
     make_table=lambda group: _kernels().build_table(group.flat_params),
     # Never "auto" on the CPU: the interpreter is for testing, orders of magnitude slower than torch.
     speed_rank={"cuda": 2, "cpu": -1},
+    param_dtypes=KERNEL_DTYPES,
 )
 add_backend(BACKEND)

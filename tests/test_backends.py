@@ -37,6 +37,33 @@ def test_auto_picks_an_available_backend():
     assert resolve_backend("auto", "cpu").name in fastavg.available_backends("cpu")
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=str)
+def test_float8_parameters_go_to_the_torch_reference_and_the_kernels_refuse_them_at_wrap(dtype):
+    # The kernels take 16-, 32- and 64-bit floats. "auto" must not pick a backend that fails at the
+    # first update (after the inner step ran); asking for one names the dtype, before any step.
+    torch.manual_seed(0)
+    p = torch.randn(37).to(dtype)
+    avg = fastavg.Averager([p, torch.randn(5)], {"ema": fastavg.EMA(0.5), "lawa": fastavg.LAWA(2, every=1)})
+    assert avg.backends[0] == "torch"  # the float32 group keeps the fastest backend
+    ema, snapshots = None, []
+    for _ in range(3):
+        p.copy_(torch.randn(37).to(dtype))
+        avg.step()
+        snapshots.append(p.double())
+        ema = snapshots[-1] if ema is None else 0.5 * ema + 0.5 * snapshots[-1]
+    lawa = (snapshots[-1] + snapshots[-2]) / 2
+    torch.testing.assert_close(avg.averaged_params("ema")[0].double(), ema, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(avg.averaged_params("lawa")[0].double(), lawa, rtol=1e-6, atol=1e-6)
+    training = p.view(torch.uint8).clone()
+    with avg.averaged("lawa"):
+        assert torch.equal(p.view(torch.uint8), lawa.float().to(dtype).view(torch.uint8))
+    assert torch.equal(p.view(torch.uint8), training)
+    for name in ("native", "triton"):
+        if fastavg.available_backends("cpu")[name] is None:
+            with pytest.raises(RuntimeError, match=f"'{name}' cannot average {str(dtype)[6:]} parameters"):
+                fastavg.Averager([torch.zeros(3, dtype=dtype)], "ema", backend=name)
+
+
 @pytest.fixture
 def gpu_without_kernels(monkeypatch):
     """A CUDA device, as the native backend sees it, on which fastavg._C's CUDA kernels do not run
