@@ -140,3 +140,28 @@ def test_a_failing_update_leaves_the_schedule_where_it_was(monkeypatch, backend)
     with pytest.raises(RuntimeError, match="kernel failed"):
         avg.step()
     assert avg.step_count == 1 and avg.num_averaged("e") == 1 and avg.num_averaged("l") == 1
+
+
+def test_float_buffers_averaged_beside_the_parameters_as_the_readme_shows(backend):
+    # wrap averages what the optimizer steps; BatchNorm's running statistics need an Averager over
+    # both (README, "Buffers"). The integer counter is left out: only floats are averaged.
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tensors = list(model.named_parameters()) + [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
+    avg = fastavg.Averager(tensors, LAWA(window=2, every=1), backend=backend)
+    snapshots = []
+    for _ in range(3):
+        model(torch.randn(8, 4)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        avg.step()
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+    training = {k: v.clone() for k, v in model.state_dict().items()}
+    with avg.averaged():
+        for key, value in model.state_dict().items():
+            if value.is_floating_point():
+                expected = ((snapshots[-1][key].double() + snapshots[-2][key].double()) / 2).float()
+                torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-7)
+            else:
+                assert torch.equal(value, training[key])  # num_batches_tracked: not averaged
+    assert all(torch.equal(v, training[k]) for k, v in model.state_dict().items())
