@@ -92,6 +92,8 @@ def validate(averager, sd) -> dict:
                 _fail(
                     f"average {name!r}, parameter {pname!r}: expected a floating tensor of shape {list(target.shape)}, got {got}"
                 )
+            if source.is_meta:  # torch.load(..., map_location="meta"): apply() would fail halfway
+                _fail(f"average {name!r}, parameter {pname!r}: the tensor is on the meta device and holds no values")
         changed = [f for f in _SOFT_FIELDS if f in mine["spec"] and spec.get(f) != mine["spec"][f]]
         if changed:
             plan["changed"].append(
