@@ -215,18 +215,34 @@ class AveragedOptimizer(torch.optim.Optimizer):
         """Not supported after wrapping: the averages' buffers are laid out at wrap time."""
         raise RuntimeError("add_param_group() after wrapping is not supported: add every group, then wrap")
 
+    # The state-dict hooks registered on the wrapper run as torch.optim.Optimizer runs its own
+    # (the inner optimizer's hooks run inside its own calls); the wrapper's methods replace the
+    # base class's, so they call them.
     def state_dict(self) -> dict:
         """The inner optimizer's state dict plus a ``"fastavg"`` entry with every average."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         sd = self.optimizer.state_dict()
         sd["fastavg"] = self.averager.state_dict()
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, sd)
+            sd = sd if result is None else result
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Inverse of ``state_dict()``; nothing changes unless everything is valid."""
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        state_dict = state_dict.copy()  # shallow, as torch.optim: a pre-hook may edit its copy
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            state_dict = state_dict if result is None else result
         inner = {k: v for k, v in state_dict.items() if k != "fastavg"}
-        if "fastavg" not in state_dict:
+        if "fastavg" in state_dict:
+            plan = state.validate(self.averager, state_dict["fastavg"])
+            self.optimizer.load_state_dict(inner)  # validates itself before changing anything
+            state.apply(self.averager, plan)
+        else:
             self.optimizer.load_state_dict(inner)
             self.averager.reset()
             warnings.warn(
@@ -236,10 +252,8 @@ class AveragedOptimizer(torch.optim.Optimizer):
                 "Averages saved apart (opt.averager.state_dict()) load with opt.averager.load_state_dict()",
                 stacklevel=2,
             )
-            return
-        plan = state.validate(self.averager, state_dict["fastavg"])
-        self.optimizer.load_state_dict(inner)  # validates itself before changing anything
-        state.apply(self.averager, plan)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def __getstate__(self) -> dict:
         # Optimizer.__getstate__ keeps only defaults/state/param_groups; the wrapper is its __dict__.

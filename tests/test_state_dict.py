@@ -194,6 +194,34 @@ def test_inner_optimizer_mismatch_leaves_averages_unchanged():
     _unchanged(model, opt, load)
 
 
+def test_state_dict_hooks_registered_on_the_wrapper_run_as_torch_optim_runs_them():
+    model, opt = _setup()
+    _train(model, opt, 0, 4)
+    calls = []
+    opt.optimizer.register_state_dict_pre_hook(lambda o: calls.append(("inner save", o is opt.optimizer)))
+    opt.register_state_dict_pre_hook(lambda o: calls.append(("save pre", o is opt)))
+    opt.register_state_dict_post_hook(lambda o, sd: {**sd, "tag": "mine"})  # its result is returned
+
+    def with_new_lr(o, sd):  # its result is what loads
+        calls.append(("load pre", o is opt, sd.get("tag")))
+        return {**sd, "param_groups": [{**g, "lr": 0.125} for g in sd["param_groups"]]}
+
+    opt.register_load_state_dict_pre_hook(with_new_lr)
+    opt.register_load_state_dict_post_hook(lambda o: calls.append(("load post", o is opt)))
+    sd = opt.state_dict()
+    assert sd["tag"] == "mine" and "fastavg" in sd
+    assert calls == [("save pre", True), ("inner save", True)]
+    calls.clear()
+    opt.load_state_dict(sd)
+    assert opt.param_groups[0]["lr"] == 0.125 and sd["param_groups"][0]["lr"] == 0.05
+    assert calls == [("load pre", True, "mine"), ("load post", True)]
+    calls.clear()
+    sd["fastavg"]["version"] = 99
+    with pytest.raises(ValueError):
+        opt.load_state_dict(sd)
+    assert calls == [("load pre", True, "mine")]  # a load that failed runs no post-hook
+
+
 def test_other_hyper_parameters_warn_and_own_specs_apply():
     model, opt = _setup()
     _train(model, opt, 0, 6)
