@@ -11,21 +11,34 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 from dataclasses import dataclass
 from typing import ClassVar
 
+# Numbers are checked, then stored as Python's own int and float: a NumPy scalar (np.linspace's
+# decays, np.arange's periods) would reach the state dict, and torch.load(weights_only=True), the
+# default, refuses NumPy scalars.
 
-def _check_int(spec: str, field: str, value, minimum: int) -> None:
+
+def _check_int(spec, field: str, minimum: int) -> None:
+    value = getattr(spec, field)
     # bool is an int subclass; every=True is a typo, not a schedule.
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{spec}.{field} must be an int >= {minimum}, got {value!r} ({type(value).__name__})")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"{spec.kind.upper()}.{field} must be an int >= {minimum}, got {value!r} ({type(value).__name__})"
+        )
     if value < minimum:
-        raise ValueError(f"{spec}.{field} must be an int >= {minimum}, got {value}")
+        raise ValueError(f"{spec.kind.upper()}.{field} must be an int >= {minimum}, got {value}")
+    object.__setattr__(spec, field, int(value))  # frozen: the dataclass's own way round it
 
 
-def _check_real(spec: str, field: str, value, allowed: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{spec}.{field} must be a real number {allowed}, got {value!r} ({type(value).__name__})")
+def _check_real(spec, field: str, allowed: str) -> None:
+    value = getattr(spec, field)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"{spec.kind.upper()}.{field} must be a real number {allowed}, got {value!r} ({type(value).__name__})"
+        )
+    object.__setattr__(spec, field, float(value))
 
 
 def _keywords_named(cls):
@@ -77,16 +90,16 @@ class EMA(_Schedule):
     kind: ClassVar[str] = "ema"
 
     def __post_init__(self):
-        _check_real("EMA", "decay", self.decay, "in [0, 1)")
+        _check_real(self, "decay", "in [0, 1)")
         if not 0 <= self.decay < 1:
             raise ValueError(f"EMA.decay must be in [0, 1), got {self.decay}")
-        _check_int("EMA", "every", self.every, 1)
-        _check_int("EMA", "start", self.start, 0)
+        _check_int(self, "every", 1)
+        _check_int(self, "start", 0)
         if self.power is not None:
-            _check_real("EMA", "power", self.power, "> 0 (or None)")
+            _check_real(self, "power", "> 0 (or None)")
             if not (self.power > 0 and math.isfinite(self.power)):
                 raise ValueError(f"EMA.power must be None or a finite number > 0, got {self.power}")
-        _check_real("EMA", "inv_gamma", self.inv_gamma, "> 0")
+        _check_real(self, "inv_gamma", "> 0")
         if not (self.inv_gamma > 0 and math.isfinite(self.inv_gamma)):
             raise ValueError(f"EMA.inv_gamma must be a finite number > 0, got {self.inv_gamma}")
 
@@ -111,8 +124,8 @@ class SWA(_Schedule):
     kind: ClassVar[str] = "swa"
 
     def __post_init__(self):
-        _check_int("SWA", "every", self.every, 1)
-        _check_int("SWA", "start", self.start, 0)
+        _check_int(self, "every", 1)
+        _check_int(self, "start", 0)
 
     def weight(self, j: int) -> float:
         """The lerp weight of the j-th due update: ``1 / j`` (so the first is a copy)."""
@@ -130,9 +143,9 @@ class LAWA(_Schedule):
     kind: ClassVar[str] = "lawa"
 
     def __post_init__(self):
-        _check_int("LAWA", "window", self.window, 1)
-        _check_int("LAWA", "every", self.every, 1)
-        _check_int("LAWA", "start", self.start, 0)
+        _check_int(self, "window", 1)
+        _check_int(self, "every", 1)
+        _check_int(self, "start", 0)
 
     def slot(self, j: int) -> int:
         """The ring slot the j-th due snapshot is written to."""

@@ -93,6 +93,23 @@ def test_edge_values_accepted():
     LAWA(window=1, every=1)
 
 
+def test_numpy_scalars_are_accepted_and_kept_as_python_numbers():
+    # np.linspace's decays and np.arange's periods are numbers; stored as NumPy scalars they would
+    # make the state dict unreadable by torch.load(weights_only=True).
+    np = pytest.importorskip("numpy")
+    ema = EMA(decay=np.float32(0.5), every=np.int64(2), start=np.int32(1), power=np.float64(0.75), inv_gamma=np.int8(2))
+    lawa = LAWA(window=np.uint8(3), every=np.int64(5), start=np.int16(0))
+    assert ema == EMA(0.5, 2, 1, 0.75, 2.0) and lawa == LAWA(3, 5, 0)
+    for spec in (ema, lawa, SWA(every=np.int64(4))):
+        assert all(type(v) in (int, float) for v in dataclasses.asdict(spec).values())
+    with pytest.raises(TypeError, match="SWA.every"):
+        SWA(every=np.bool_(True))
+    with pytest.raises(TypeError, match="LAWA.window"):
+        LAWA(window=np.float64(5.0))
+    with pytest.raises(ValueError, match="EMA.decay"):
+        EMA(decay=np.float32("nan"))
+
+
 def test_specs_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         EMA().decay = 0.5

@@ -222,6 +222,19 @@ def test_state_dict_hooks_registered_on_the_wrapper_run_as_torch_optim_runs_them
     assert calls == [("load pre", True, "mine")]  # a load that failed runs no post-hook
 
 
+def test_numpy_hyper_parameters_leave_a_state_dict_torch_load_reads_with_weights_only():
+    np = pytest.importorskip("numpy")
+    decays = np.linspace(0.9, 0.99, 3)  # float64 scalars: a subclass of float, and still NumPy's
+    model, opt = _setup(specs={"ema": EMA(decays[1]), "lawa": LAWA(np.int64(2), every=np.int64(1))})
+    _train(model, opt, 0, 3)
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    sd = torch.load(buffer, weights_only=True)
+    assert type(sd["fastavg"]["averages"]["ema"]["spec"]["decay"]) is float
+    opt.load_state_dict(sd)
+
+
 def test_other_hyper_parameters_warn_and_own_specs_apply():
     model, opt = _setup()
     _train(model, opt, 0, 6)
