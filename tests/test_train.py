@@ -79,7 +79,7 @@ def test_nanogpt_bin_folder(tmp_path):
     assert x.dtype == torch.int64 and torch.equal(x[:, 1:], y[:, :-1]) and torch.equal(y - x, torch.ones_like(x))
 
 
-def test_data_errors(tmp_path):
+def test_data_errors(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="does not exist"):
         data.load_corpus(str(tmp_path / "missing"))
     (tmp_path / "half").mkdir()
@@ -89,6 +89,9 @@ def test_data_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no non-empty files"):
         data.load_corpus(str(tmp_path / "empty"))
+    monkeypatch.setattr(data, "stdlib_files", lambda: [])  # a standard library stripped to bytecode
+    with pytest.raises(ValueError, match=r"standard library \(.*\) holds no \.py files.*--data"):
+        data.load_corpus(None, str(tmp_path / "c"))
     small = tmp_path / "small.txt"
     small.write_bytes(b"x" * 200)
     with pytest.raises(ValueError, match="fewer than one context"):

@@ -99,6 +99,11 @@ def load_corpus(data: str | None, cache_dir: str | None = None) -> Corpus:
         return Corpus(train, val, BPE_VOCAB, f"{data} (nanoGPT .bin, GPT-2 BPE)")
     files = stdlib_files() if data is None else _text_files(data)
     files = [f for f in files if os.path.getsize(f) > 0]
+    if not files and data is None:
+        raise ValueError(
+            f"the Python standard library ({sysconfig.get_paths()['stdlib']}) holds no .py files here, as in "
+            "installs stripped to bytecode: give a corpus with --data FILE or --data FOLDER"
+        )
     if not files:
         raise ValueError(f"--data {data!r} holds no non-empty files")
     folder = os.path.join(cache_dir or default_cache_dir(), f"bytes-{_cache_key(files)}")
