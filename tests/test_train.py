@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -214,6 +215,18 @@ def test_resume_refuses_a_checkpoint_it_cannot_load_and_warns_of_other_options(t
     with pytest.raises(SystemExit):
         _args(tmp_path, text_file, "--resume")
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_a_cuda_device_torch_does_not_see_is_refused_by_name(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    args = types.SimpleNamespace(device="cuda:3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="--device cuda:3 but torch sees no CUDA device"):
+        loop._setup_distributed(args)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(SystemExit, match=r"--device cuda:3 but torch sees 1 CUDA device\(s\)"):
+        loop._setup_distributed(args)
 
 
 def test_an_unavailable_backend_is_refused_before_any_work(tmp_path, text_file, monkeypatch):

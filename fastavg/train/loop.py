@@ -44,7 +44,10 @@ def _setup_distributed(args):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     wanted = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if wanted.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("fastavg-train: --device cuda but torch sees no CUDA device")
+        raise SystemExit(f"fastavg-train: --device {wanted} but torch sees no CUDA device")
+    index = torch.device(wanted).index
+    if index is not None and index >= torch.cuda.device_count():
+        raise SystemExit(f"fastavg-train: --device {wanted} but torch sees {torch.cuda.device_count()} CUDA device(s)")
     if world == 1:
         return 0, 1, torch.device(wanted)
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
