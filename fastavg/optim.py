@@ -237,6 +237,11 @@ class AveragedOptimizer(torch.optim.Optimizer):
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
             state_dict = state_dict if result is None else result
+        if "fastavg" not in state_dict and {"version", "averages"} <= state_dict.keys():
+            raise ValueError(
+                "cannot load fastavg state: this is an Averager's state dict (opt.averager.state_dict()), "
+                "without the inner optimizer's; load it with opt.averager.load_state_dict(sd)"
+            )
         inner = {k: v for k, v in state_dict.items() if k != "fastavg"}
         if "fastavg" in state_dict:
             plan = state.validate(self.averager, state_dict["fastavg"])

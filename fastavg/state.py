@@ -49,6 +49,11 @@ def validate(averager, sd) -> dict:
     """Check ``sd`` against ``averager``; return what ``apply`` needs. Raises before any change."""
     if not isinstance(sd, dict):
         raise TypeError(f"fastavg state must be a dict, got {type(sd).__name__}")
+    if "fastavg" in sd and "version" not in sd:
+        _fail(
+            "this is an AveragedOptimizer's state dict (the inner optimizer's, with a 'fastavg' entry): "
+            "load it with opt.load_state_dict(sd), or give the averager sd['fastavg']"
+        )
     if sd.get("version") != FORMAT_VERSION:
         _fail(f"format version {sd.get('version')!r} is not supported (this fastavg reads version {FORMAT_VERSION})")
     if not _is_count(sd.get("step")):

@@ -181,6 +181,22 @@ def test_bad_version_and_corrupt_entries_raise_before_change():
         _unchanged(model, opt, load)
 
 
+def test_the_wrappers_and_the_averagers_state_dicts_swapped_are_refused_saying_which_is_which():
+    model, opt = _setup()
+    _train(model, opt, 0, 4)
+
+    def load_the_wrappers_into_the_averager():
+        with pytest.raises(ValueError, match=r"an AveragedOptimizer's state dict.*opt.load_state_dict\(sd\)"):
+            opt.averager.load_state_dict(opt.state_dict())
+
+    def load_the_averagers_into_the_wrapper():
+        with pytest.raises(ValueError, match=r"an Averager's state dict.*opt.averager.load_state_dict\(sd\)"):
+            opt.load_state_dict(opt.averager.state_dict())
+
+    _unchanged(model, opt, load_the_wrappers_into_the_averager)
+    _unchanged(model, opt, load_the_averagers_into_the_wrapper)
+
+
 def test_inner_optimizer_mismatch_leaves_averages_unchanged():
     model, opt = _setup()
     _train(model, opt, 0, 4)
