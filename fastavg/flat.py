@@ -31,6 +31,11 @@ def collect_params(params) -> tuple[list[torch.Tensor], list[str]]:
     """Parameters and their names from tensors, (name, tensor) pairs or param-group dicts."""
     if isinstance(params, torch.Tensor):
         raise TypeError("params must be an iterable of tensors or of param-group dicts, got a single Tensor")
+    if isinstance(params, torch.nn.Module):  # a Sequential iterates over its layers, not its tensors
+        raise TypeError(
+            f"params must be an iterable of tensors or of param-group dicts, got the module "
+            f"{type(params).__name__}: pass model.parameters() or model.named_parameters()"
+        )
     try:
         items = list(params)
     except TypeError:

@@ -92,6 +92,12 @@ class AveragedOptimizer(torch.optim.Optimizer):
     """
 
     def __init__(self, optimizer, averaging="ema", *, backend="auto", dtype=None, **spec_kwargs):
+        if isinstance(optimizer, torch.nn.Module):
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer, got the module {type(optimizer).__name__}: wrap "
+                "the optimizer (fastavg.wrap(torch.optim.AdamW(model.parameters()), ...)), or average "
+                "the module's parameters with fastavg.Averager(model.parameters(), ...)"
+            )
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, AveragedOptimizer):

@@ -65,6 +65,16 @@ def test_bad_params_container(params, exc):
         fastavg.Averager(params, "ema")
 
 
+@pytest.mark.parametrize(
+    "module", [torch.nn.Linear(2, 2), torch.nn.Sequential(torch.nn.Linear(2, 2))], ids=["Linear", "Sequential"]
+)
+def test_a_module_given_for_params_or_optimizer_says_what_to_pass(module):
+    with pytest.raises(TypeError, match=r"got the module (Linear|Sequential): pass model.parameters\(\)"):
+        fastavg.Averager(module, "ema")
+    with pytest.raises(TypeError, match=r"got the module (Linear|Sequential): wrap the optimizer"):
+        fastavg.wrap(module, "ema")
+
+
 def test_duplicate_parameter_raises():
     p = torch.nn.Parameter(torch.zeros(3))
     with pytest.raises(ValueError, match="more than once"):
