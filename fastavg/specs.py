@@ -106,8 +106,8 @@ class EMA(_Schedule):
     def decay_at(self, j: int) -> float:
         """The decay ``d_j`` of the j-th due update (j >= 2)."""
         if self.power is None:
-            return float(self.decay)
-        return min(float(self.decay), 1.0 - (1.0 + (j - 1) / self.inv_gamma) ** (-self.power))
+            return self.decay
+        return min(self.decay, 1.0 - (1.0 + (j - 1) / self.inv_gamma) ** (-self.power))
 
     def weight(self, j: int) -> float:
         """The lerp weight of the j-th due update: 1 (a copy) for j == 1, else ``1 - d_j``."""
