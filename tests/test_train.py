@@ -178,6 +178,7 @@ def test_two_process_ddp_run(tmp_path, text_file):
         (["--lr", "1e-3", "--standard-lr"], "one"),
         (["--ema-decay", "1.5"], "ema-decay"),
         (["--resume", "--out", "/tmp/fastavg-no-such-run"], "no checkpoint"),
+        (["--resume", "--overwrite"], "--resume and --overwrite together"),
         # The default EMA decay divides by these two: checked before it is worked out.
         (["--lawa-window", "0"], "--lawa-window must be >= 1"),
         (["--eval-interval", "0"], "--eval-interval must be >= 1"),
@@ -215,6 +216,27 @@ def test_resume_refuses_a_checkpoint_it_cannot_load_and_warns_of_other_options(t
     with pytest.raises(SystemExit):
         _args(tmp_path, text_file, "--resume")
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_a_fresh_start_over_an_earlier_run_is_refused_unless_told_to_overwrite(tmp_path, text_file, capsys):
+    loop.train(_args(tmp_path, text_file, "--steps", "20"))
+    out = tmp_path / "run"
+    saved = {name: (out / name).read_bytes() for name in ("ckpt.pt", "metrics.jsonl")}
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # a forgotten --resume: the run would empty metrics.jsonl at once
+        _args(tmp_path, text_file, "--steps", "30")
+    err = capsys.readouterr().err
+    assert f"--out {out} holds an earlier run (its checkpoint is at step 20 of 20)" in err
+    assert "--resume continues it, --overwrite starts afresh" in err
+    assert {name: (out / name).read_bytes() for name in saved} == saved
+    (out / "ckpt.pt").write_bytes(b"not a checkpoint")  # unreadable is refused all the same
+    with pytest.raises(SystemExit):
+        _args(tmp_path, text_file)
+    assert "is not a checkpoint fastavg-train can read" in capsys.readouterr().err
+    loop.train(_args(tmp_path, text_file, "--steps", "10", "--overwrite"))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [10]
+    assert torch.load(out / "ckpt.pt")["step"] == 10
 
 
 def test_a_cuda_device_torch_does_not_see_is_refused_by_name(monkeypatch):

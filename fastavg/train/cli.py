@@ -25,6 +25,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(default: the Python standard library's source, byte-level)")  # fmt: skip
     p.add_argument("--out", default="runs/fastavg-train", help="output folder (metrics, plot, weights, checkpoint)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an OUT that holds an earlier run, replacing its checkpoint and outputs")  # fmt: skip
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 2000 nano, 600000 GPT-2 sizes)")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per micro-batch (default 16)")
     p.add_argument("--block-size", type=int, default=None, help="context length (default: the preset's)")
@@ -111,8 +113,12 @@ def fill_defaults_and_check(args: argparse.Namespace) -> None:
             raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
     if args.data is not None and not os.path.exists(args.data):
         raise ValueError(f"--data {args.data!r} does not exist")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite together: give one")
     if args.resume:
         check_resume(args)
+    elif not args.overwrite:
+        check_no_earlier_run(args)
 
 
 def _flag(name: str) -> str:
@@ -123,7 +129,7 @@ def _flag(name: str) -> str:
 # What a checkpoint's tensors are shaped by: a resume with another value could not load it.
 RESUME_MUST_MATCH = ("preset", "block_size", "averages", "lawa_window")
 # How a run is carried out, not what it computes: free to change on resume.
-RESUME_FREE = ("out", "resume", "no_progress", "cache_dir", "backend", "device", "compile")
+RESUME_FREE = ("out", "resume", "overwrite", "no_progress", "cache_dir", "backend", "device", "compile")
 
 
 def check_resume(args: argparse.Namespace) -> None:
@@ -132,8 +138,8 @@ def check_resume(args: argparse.Namespace) -> None:
     path = os.path.join(args.out, "ckpt.pt")
     if not os.path.exists(path):
         raise ValueError(f"--resume: no checkpoint at {path}")
-    try:  # mmap: only the options are read here, not the weights
-        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["args"]
+    try:
+        saved = _read_checkpoint(path)["args"]
     except Exception as err:  # a truncated or foreign file: say so before anything is overwritten
         raise ValueError(f"--resume: cannot read {path} as a fastavg-train checkpoint ({err})") from None
 
@@ -155,6 +161,27 @@ def check_resume(args: argparse.Namespace) -> None:
     if changed:
         print(f"fastavg-train: warning: resuming with options other than the checkpoint's: {', '.join(changed)}",
               file=sys.stderr)  # fmt: skip
+
+
+def check_no_earlier_run(args: argparse.Namespace) -> None:
+    """Refuse a fresh start in an OUT that holds a checkpoint (ValueError): the run would empty its
+    metrics at once and replace its checkpoint at the first evaluation, so a forgotten --resume
+    would lose it."""
+    path = os.path.join(args.out, "ckpt.pt")
+    if not os.path.exists(path):
+        return
+    try:
+        saved = _read_checkpoint(path)
+        what = f"its checkpoint is at step {saved['step']:,} of {saved['args']['steps']:,}"
+    except Exception:  # unreadable here is still someone's file: refuse all the same
+        what = "its ckpt.pt is not a checkpoint fastavg-train can read"
+    raise ValueError(f"--out {args.out} holds an earlier run ({what}): --resume continues it, --overwrite "
+                     "starts afresh and replaces it, or give another --out")  # fmt: skip
+
+
+def _read_checkpoint(path: str) -> dict:
+    """A checkpoint's entries, mmapped: only its options and step are read here, not its weights."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
 def main(argv=None) -> None:
