@@ -162,6 +162,7 @@ class Averager:
                         else:
                             group.backend.call("swap_in_", *place, average.buffers[gi])
                         swapped.append((gi, backup))
+                        group.mark_params_written()
             yield
         finally:
             # Runs also when the block (or a later group's swap) raised: every group swapped in
@@ -170,6 +171,7 @@ class Averager:
                 for gi, backup in swapped:
                     group = self._groups[gi]
                     group.backend.call("restore_", group.flat_params, group.table, backup)
+                    group.mark_params_written()
             self._open = False
 
     def _average_flat(self, average: _Average, gi: int) -> torch.Tensor:

@@ -222,6 +222,16 @@ class FlatGroup:
                     "Move or convert the model before wrapping the optimizer, or wrap again."
                 )
 
+    def mark_params_written(self) -> None:
+        """Tell autograd that every parameter was written in place (a swap in or out of averaged())."""
+        # The native and Triton kernels write through raw pointers, and eager calls skip the
+        # dispatcher, so nothing bumps the parameters' version counters: a graph that saved a
+        # parameter on one side of the write would backpropagate through the other side's values
+        # without a word. Bumped, autograd raises as it does for the torch backend's in-place copies
+        # (for which the extra bump changes nothing).
+        for p in self.params:
+            torch.autograd.graph.increment_version(p)
+
     def param_view(self, flat: torch.Tensor, i: int, leading: tuple[int, ...] = ()) -> torch.Tensor:
         """Parameter ``i``'s slice of a flat ``(N,)`` (or ``(*leading, N)``) buffer, shaped and strided like it."""
         p = self.params[i]

@@ -98,6 +98,24 @@ def test_name_required_with_several_averages(backend):
     assert opt.num_averaged("a") == 0
 
 
+def test_autograd_sees_the_swaps_as_in_place_writes(backend):
+    # A graph that saved the parameters on one side of a swap must not backpropagate through the
+    # other side's values: autograd raises, as it does for any in-place write, on every backend.
+    model, opt = _wrapped(backend, EMA(0.5))
+    _train(model, opt, 3)
+    x = torch.randn(4, 5, requires_grad=True)  # the input's gradient reads the saved weights
+    with opt.averaged():
+        inside = model(x).square().sum()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        inside.backward()
+    outside = model(x).square().sum()
+    with opt.averaged():
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            outside.backward()
+        model(x).square().sum().backward()  # a graph built and used inside the block is fine
+    assert x.grad is not None
+
+
 def test_averaged_params_are_new_tensors_in_average_dtype(backend):
     params = make_params([(4, 3), (2,)], torch.bfloat16)
     avg = fastavg.Averager(params, EMA(0.5), backend=backend)
