@@ -157,11 +157,25 @@ def check_average_dtype(dtype, param_dtypes: Iterable[torch.dtype]) -> None:
         raise TypeError(f"dtype must be None or a torch.dtype, got {type(dtype).__name__}")
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating dtype, got {dtype}")
+    if dtype.itemsize < 2:
+        raise ValueError(
+            f"dtype {dtype}: torch has no arithmetic for 8-bit floats, so averages cannot be kept in them; "
+            "use float32 (the default for them) or another float of 16 bits or more"
+        )
     for param_dtype in param_dtypes:
-        if torch.promote_types(param_dtype, dtype) != dtype:
+        if not _holds_exactly(dtype, param_dtype):
             raise ValueError(
                 f"dtype {dtype} is narrower than the parameters' {param_dtype}; averages must be at least as wide"
             )
+
+
+def _holds_exactly(wide: torch.dtype, narrow: torch.dtype) -> bool:
+    """Whether ``wide`` has at least ``narrow``'s precision and range, so it holds its every value."""
+    # Not torch.promote_types: it refuses every pair with a float8 dtype, float32 included.
+    if wide == narrow:
+        return True
+    w, n = torch.finfo(wide), torch.finfo(narrow)
+    return w.eps <= n.eps and w.max >= n.max and w.smallest_normal <= n.smallest_normal
 
 
 class FlatGroup:

@@ -42,6 +42,31 @@ def test_narrower_dtype_raises_value_error(param_dtype, dtype):
         fastavg.Averager(make_params([(3,)], param_dtype), "ema", dtype=dtype)
 
 
+@pytest.mark.parametrize("param_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)
+def test_float8_parameters_take_any_wider_average_dtype(param_dtype, dtype):
+    # torch.promote_types refuses every pair with a float8 dtype; a float8 value is exact in each of these.
+    torch.manual_seed(0)
+    p = torch.randn(9).to(param_dtype)
+    avg = fastavg.Averager([p], {"ema": EMA(0.5), "lawa": LAWA(2, every=1)}, dtype=dtype)
+    snapshots = []
+    for _ in range(3):
+        p.copy_(torch.randn(9).to(param_dtype))
+        avg.step()
+        snapshots.append(p.double())
+    ema = 0.25 * snapshots[0] + 0.25 * snapshots[1] + 0.5 * snapshots[2]  # exact in every dtype here
+    assert torch.equal(avg.averaged_params("ema")[0], ema.to(dtype))
+    assert torch.equal(avg.averaged_params("lawa")[0], ((snapshots[1] + snapshots[2]) / 2).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=str)
+def test_8_bit_average_dtypes_raise_before_the_first_step(dtype):
+    # torch has no float8 lerp or add: such averages would fail at the first update, after the inner step.
+    p = torch.nn.Parameter(torch.randn(3).to(dtype), requires_grad=False)
+    with pytest.raises(ValueError, match="no arithmetic for 8-bit floats"):
+        fastavg.wrap(torch.optim.SGD([p], lr=0.1), "ema", dtype=dtype)
+
+
 def test_non_floating_dtype_raises():
     with pytest.raises(ValueError, match="floating"):
         fastavg.Averager(make_params([(3,)]), "ema", dtype=torch.int32)
