@@ -114,6 +114,8 @@ def test_tiny_run_end_to_end(tmp_path, text_file, capsys):
         assert (out / name).exists(), name
     raw, lawa = torch.load(out / "model_raw.pt"), torch.load(out / "model_lawa.pt")
     assert raw.keys() == lawa.keys() and not all(torch.equal(raw[k], lawa[k]) for k in raw)
+    for weights in (raw, lawa):  # the tied embedding is saved once, in each file alike
+        assert weights["lm_head.weight"].data_ptr() == weights["wte.weight"].data_ptr()
     printed = capsys.readouterr().out
     assert "validation loss" in printed and "lowest validation loss" in printed
 

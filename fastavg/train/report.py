@@ -57,7 +57,7 @@ def finish(out: str, model, opt, metrics_path: str) -> None:
     torch.save(model.state_dict(), os.path.join(out, "model_raw.pt"))
     for name in opt.names:
         with opt.averaged(name):
-            torch.save({k: v.clone() for k, v in model.state_dict().items()}, os.path.join(out, f"model_{name}.pt"))
+            torch.save(_cloned(model.state_dict()), os.path.join(out, f"model_{name}.pt"))
     records = [json.loads(line) for line in open(metrics_path)]
     if not records:
         return
@@ -68,6 +68,17 @@ def finish(out: str, model, opt, metrics_path: str) -> None:
     print("\nfinal: " + final_line(final))
     print(f"outputs in {out}: metrics.jsonl, {'val_loss.png, ' if plotted else ''}model_raw.pt, "
           + ", ".join(f"model_{n}.pt" for n in opt.names) + ", ckpt.pt")  # fmt: skip
+
+
+def _cloned(state: dict) -> dict:
+    """``state`` with its tensors cloned (the averages leave the parameters on exit), tied ones once:
+    the tied embedding stays one tensor in the file, as in model_raw.pt, not two copies."""
+    clones: dict = {}
+    for v in state.values():
+        key = (v.data_ptr(), v.shape, v.stride())
+        if key not in clones:
+            clones[key] = v.clone()
+    return {k: clones[(v.data_ptr(), v.shape, v.stride())] for k, v in state.items()}
 
 
 def final_line(final: dict[str, float]) -> str:
