@@ -190,6 +190,8 @@ def test_two_process_ddp_run(tmp_path, text_file):
         (["--min-lr-ratio", "2"], "--min-lr-ratio must be in [0, 1]"),
         (["--device", "tpu"], "--device must be"),
         (["--backend", "fast"], "invalid choice"),
+        (["--out", __file__], "is a file, not a folder"),
+        (["--out", os.path.join(__file__, "run")], f"lies under {__file__}, which is a file, not a folder"),
     ],
 )
 def test_bad_options_fail_before_any_work(argv, message, capsys):
@@ -259,6 +261,20 @@ def test_an_unavailable_backend_is_refused_before_any_work(tmp_path, text_file, 
     with pytest.raises(SystemExit, match="--backend triton cannot run on cpu: no Triton here"):
         loop.train(_args(tmp_path, text_file, "--backend", "triton", "--device", "cpu"))
     assert not (tmp_path / "run").exists()
+
+
+def test_an_out_the_run_cannot_make_is_said_plainly(tmp_path, text_file, monkeypatch):
+    args = _args(tmp_path, text_file)
+    real_makedirs = os.makedirs
+
+    def refuse_out(path, *rest, **kw):
+        if path == args.out:
+            raise PermissionError(13, "Permission denied", path)
+        return real_makedirs(path, *rest, **kw)
+
+    monkeypatch.setattr(os, "makedirs", refuse_out)
+    with pytest.raises(SystemExit, match=r"--out .*: cannot make the output folder \(Permission denied\)$"):
+        loop.train(args)
 
 
 def test_batch_larger_than_the_data_is_refused(tmp_path):

@@ -113,6 +113,7 @@ def fill_defaults_and_check(args: argparse.Namespace) -> None:
             raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
     if args.data is not None and not os.path.exists(args.data):
         raise ValueError(f"--data {args.data!r} does not exist")
+    check_out_can_be_a_folder(args.out)
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite together: give one")
     if args.resume:
@@ -161,6 +162,17 @@ def check_resume(args: argparse.Namespace) -> None:
     if changed:
         print(f"fastavg-train: warning: resuming with options other than the checkpoint's: {', '.join(changed)}",
               file=sys.stderr)  # fmt: skip
+
+
+def check_out_can_be_a_folder(out: str) -> None:
+    """Refuse an --out that is a file or lies under one (ValueError), without making it: the run
+    makes it once the data is loaded, and a run refused before then leaves nothing behind."""
+    path = os.path.abspath(out)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        under = "" if path == os.path.abspath(out) else f" lies under {path}, which"
+        raise ValueError(f"--out {out}{under} is a file, not a folder")
 
 
 def check_no_earlier_run(args: argparse.Namespace) -> None:

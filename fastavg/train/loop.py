@@ -106,7 +106,10 @@ def train(args) -> dict:
     eval_batches = [get_batch(corpus.val, args.batch_size, config.block_size, torch.Generator().manual_seed(10_000 + i))
                     for i in range(args.eval_batches)]  # fmt: skip
     tokens_per_step = args.batch_size * config.block_size * args.grad_accum * world
-    os.makedirs(args.out, exist_ok=True)
+    try:  # the options' check saw no file in the way; what else fails here (permissions) is said plainly
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as err:
+        raise SystemExit(f"fastavg-train: --out {args.out}: cannot make the output folder ({err.strerror})") from None
     metrics_path, ckpt_path = os.path.join(args.out, "metrics.jsonl"), os.path.join(args.out, "ckpt.pt")
     start = 0
     if args.resume:
