@@ -170,12 +170,13 @@ def check_average_dtype(dtype, param_dtypes: Iterable[torch.dtype]) -> None:
 
 
 def _holds_exactly(wide: torch.dtype, narrow: torch.dtype) -> bool:
-    """Whether ``wide`` has at least ``narrow``'s precision and range, so it holds its every value."""
+    """Whether ``wide`` holds every value of ``narrow``: as many significant bits, as large a maximum,
+    and a step at the bottom of its range (its smallest subnormal) that divides ``narrow``'s."""
     # Not torch.promote_types: it refuses every pair with a float8 dtype, float32 included.
     if wide == narrow:
         return True
     w, n = torch.finfo(wide), torch.finfo(narrow)
-    return w.eps <= n.eps and w.max >= n.max and w.smallest_normal <= n.smallest_normal
+    return w.eps <= n.eps and w.max >= n.max and w.smallest_normal * w.eps <= n.smallest_normal * n.eps
 
 
 class FlatGroup:

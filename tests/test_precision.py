@@ -9,6 +9,7 @@ from helpers import make_params, run
 
 import fastavg
 from fastavg import EMA, LAWA, SWA
+from fastavg.flat import _holds_exactly
 
 
 @pytest.mark.parametrize(
@@ -42,9 +43,10 @@ def test_narrower_dtype_raises_value_error(param_dtype, dtype):
         fastavg.Averager(make_params([(3,)], param_dtype), "ema", dtype=dtype)
 
 
-@pytest.mark.parametrize("param_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=str)
+@pytest.mark.parametrize("param_dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e5m2fnuz], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)
 def test_float8_parameters_take_any_wider_average_dtype(param_dtype, dtype):
+    # e5m2fnuz's smallest normal is below float16's, but float16's subnormals hold its every value.
     # torch.promote_types refuses every pair with a float8 dtype; a float8 value is exact in each of these.
     torch.manual_seed(0)
     p = torch.randn(9).to(param_dtype)
@@ -57,6 +59,19 @@ def test_float8_parameters_take_any_wider_average_dtype(param_dtype, dtype):
     ema = 0.25 * snapshots[0] + 0.25 * snapshots[1] + 0.5 * snapshots[2]  # exact in every dtype here
     assert torch.equal(avg.averaged_params("ema")[0], ema.to(dtype))
     assert torch.equal(avg.averaged_params("lawa")[0], ((snapshots[1] + snapshots[2]) / 2).to(dtype))
+
+
+def test_the_width_rule_accepts_a_dtype_exactly_when_it_holds_every_value():
+    wide = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+    for narrow in (torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz):
+        values = torch.arange(256, dtype=torch.uint8).view(narrow).double()  # every bit pattern
+        values = values[values.isfinite()]
+        for dtype in wide:
+            exact = torch.equal(values.to(dtype).double(), values)
+            assert _holds_exactly(dtype, narrow) == exact, (dtype, narrow)
+    for narrow in wide:  # among these, the rule is torch's type promotion
+        for dtype in wide:
+            assert _holds_exactly(dtype, narrow) == (torch.promote_types(narrow, dtype) == dtype), (dtype, narrow)
 
 
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=str)
