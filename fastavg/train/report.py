@@ -73,12 +73,13 @@ def finish(out: str, model, opt, metrics_path: str) -> None:
 def _cloned(state: dict) -> dict:
     """``state`` with its tensors cloned (the averages leave the parameters on exit), tied ones once:
     the tied embedding stays one tensor in the file, as in model_raw.pt, not two copies."""
-    clones: dict = {}
-    for v in state.values():
+    clones, cloned = {}, {}
+    for k, v in state.items():
         key = (v.data_ptr(), v.shape, v.stride())
         if key not in clones:
             clones[key] = v.clone()
-    return {k: clones[(v.data_ptr(), v.shape, v.stride())] for k, v in state.items()}
+        cloned[k] = clones[key]
+    return cloned
 
 
 def final_line(final: dict[str, float]) -> str:
