@@ -136,7 +136,7 @@ RESUME_FREE = ("out", "resume", "overwrite", "no_progress", "cache_dir", "backen
 def check_resume(args: argparse.Namespace) -> None:
     """Refuse a resume whose options cannot load OUT/ckpt.pt (ValueError naming each); warn of
     every other option that differs from the checkpoint's, since it changes the rest of the run."""
-    path = os.path.join(args.out, "ckpt.pt")
+    path = checkpoint_path(args.out)
     if not os.path.exists(path):
         raise ValueError(f"--resume: no checkpoint at {path}")
     try:
@@ -179,7 +179,7 @@ def check_no_earlier_run(args: argparse.Namespace) -> None:
     """Refuse a fresh start in an OUT that holds a checkpoint (ValueError): the run would empty its
     metrics at once and replace its checkpoint at the first evaluation, so a forgotten --resume
     would lose it."""
-    path = os.path.join(args.out, "ckpt.pt")
+    path = checkpoint_path(args.out)
     if not os.path.exists(path):
         return
     try:
@@ -189,6 +189,11 @@ def check_no_earlier_run(args: argparse.Namespace) -> None:
         what = "its ckpt.pt is not a checkpoint fastavg-train can read"
     raise ValueError(f"--out {args.out} holds an earlier run ({what}): --resume continues it, --overwrite "
                      "starts afresh and replaces it, or give another --out")  # fmt: skip
+
+
+def checkpoint_path(out: str) -> str:
+    """Where a run in ``out`` keeps its checkpoint: what --resume reads and a fresh start would replace."""
+    return os.path.join(out, "ckpt.pt")
 
 
 def _read_checkpoint(path: str) -> dict:

@@ -14,6 +14,7 @@ import torch.distributed as dist
 import fastavg
 
 from . import report
+from .cli import checkpoint_path
 from .data import check_fits, get_batch, load_corpus
 from .model import GPT, config_for
 from .progress import Progress
@@ -110,7 +111,7 @@ def train(args) -> dict:
         os.makedirs(args.out, exist_ok=True)
     except OSError as err:
         raise SystemExit(f"fastavg-train: --out {args.out}: cannot make the output folder ({err.strerror})") from None
-    metrics_path, ckpt_path = os.path.join(args.out, "metrics.jsonl"), os.path.join(args.out, "ckpt.pt")
+    metrics_path, ckpt_path = os.path.join(args.out, "metrics.jsonl"), checkpoint_path(args.out)
     start = 0
     if args.resume:
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
