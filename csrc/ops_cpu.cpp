@@ -22,7 +22,7 @@ namespace fastavg {
 namespace {
 
 constexpr int64_t kBlock = 1024;    // elements converted once, then used by every average
-constexpr int64_t kGrain = 1 << 15;  // elements per parallel task
+constexpr int64_t kGrain = 1 << 15;  // fewest elements worth a parallel task of their own
 
 // float for 16/32-bit averages (torch's opmath), double for double.
 template <typename A>
@@ -40,6 +40,39 @@ int64_t total_numel(at::TensorList params) {
   for (const auto& p : params) n += p.numel();
   return n;
 }
+
+// The parameters as one range [0, N), in the flat buffers' order: one parallel region over all of
+// them, each task split at the parameters' boundaries. A region per parameter (148 for GPT-2 124M)
+// paid a fork and a join each, and each join waited for the slower thread. GPT-2 124M shapes, 2-core
+// AMD EPYC (AVX2), median of 8 runs alternated with the old build: fp32 EMA went from 0.98x to 1.03x
+// torch's _foreach_lerp_ timed in the same process, bf16 EMA from 1.80x to 1.97x its cast + foreach.
+class FlatParams {
+ public:
+  explicit FlatParams(at::TensorList params) {
+    starts_.reserve(params.size() + 1);
+    starts_.push_back(0);
+    for (const auto& p : params) starts_.push_back(starts_.back() + p.numel());
+  }
+
+  int64_t numel() const { return starts_.back(); }
+
+  // fn(k, base, begin, end) for each parameter k overlapping the flat range [begin, end): base is
+  // where parameter k starts in the flat buffers, [begin, end) its own elements in that range.
+  template <typename Fn>
+  void for_each_piece(int64_t begin, int64_t end, Fn&& fn) const {
+    // The last parameter starting at or before `begin` (empty parameters share their start with
+    // the next one, so this is never one of them).
+    size_t k = std::upper_bound(starts_.begin(), starts_.end(), begin) - starts_.begin() - 1;
+    for (int64_t at = begin; at < end; ++k) {
+      const int64_t stop = std::min(end, starts_[k + 1]);
+      if (stop > at) fn(k, starts_[k], at - starts_[k], stop - starts_[k]);
+      at = stop;
+    }
+  }
+
+ private:
+  std::vector<int64_t> starts_;
+};
 
 // The inner loops, on restrict pointers (with float parameters and float averages nothing else tells
 // the compiler the buffers do not overlap). An extension builds for baseline x86-64 (SSE2) while
@@ -93,7 +126,8 @@ inline void stream_fence() {
 
 // The fence waits for the task's streamed stores to reach memory, so a task that copies little
 // keeps cached stores: streaming every task, 148 small tensors' LAWA step (bench/step_overhead.py,
-// host cost) went from 28-30 us to 40-46 us. A 32K-element task of bf16 (64 KB) streams.
+// host cost) went from 28-30 us to 40-46 us. A task is a share of the whole group (FlatParams), at
+// least half of it on 2 cores, so only groups of a few tens of KB keep cached stores.
 constexpr int64_t kStreamMinBytes = 32 << 10;
 
 // One task's copies into a ring slot or backup: streamed when the task is large enough to pay for
@@ -172,25 +206,25 @@ void update_impl(at::TensorList params, at::TensorList averages, at::ArrayRef<do
   }
   std::vector<P*> slot;
   for (size_t k = 0; k < rings.size(); ++k) slot.push_back(rings[k].data_ptr<P>() + slots[k] * rings[k].stride(0));
-  int64_t offset = 0;
-  for (const auto& param : params) {
-    const P* p = param.data_ptr<P>();
-    const int64_t base = offset;
-    at::parallel_for(0, param.numel(), kGrain, [&](int64_t begin, int64_t end) {
-      SinkCopies<P> sink(end - begin);
+  std::vector<const P*> p;
+  for (const auto& param : params) p.push_back(param.data_ptr<P>());
+  const FlatParams flat(params);
+  at::parallel_for(0, flat.numel(), kGrain, [&](int64_t task_begin, int64_t task_end) {
+    SinkCopies<P> sink(task_end - task_begin);
+    flat.for_each_piece(task_begin, task_end, [&](size_t i, int64_t base, int64_t begin, int64_t end) {
       if (avg.empty()) {  // rings alone: one copy of the whole range, nothing to convert
-        for (size_t k = 0; k < slot.size(); ++k) sink.copy(slot[k] + base + begin, p + begin, end - begin);
+        for (size_t k = 0; k < slot.size(); ++k) sink.copy(slot[k] + base + begin, p[i] + begin, end - begin);
         return;
       }
       M block[kBlock];
       for (int64_t start = begin; start < end; start += kBlock) {
         const int64_t n = std::min(kBlock, end - start);
         // Block by block, so the parameters are read from memory once for rings and averages alike.
-        for (size_t k = 0; k < slot.size(); ++k) sink.copy(slot[k] + base + start, p + start, n);
+        for (size_t k = 0; k < slot.size(); ++k) sink.copy(slot[k] + base + start, p[i] + start, n);
         // Parameters already in the math type are read in place; others are converted once per block.
-        const M* source = reinterpret_cast<const M*>(p + start);
+        const M* source = reinterpret_cast<const M*>(p[i] + start);
         if (!std::is_same<P, M>::value) {
-          convert(block, p + start, n);
+          convert(block, p[i] + start, n);
           source = block;
         }
         for (size_t k = 0; k < avg.size(); ++k) {
@@ -202,8 +236,7 @@ void update_impl(at::TensorList params, at::TensorList averages, at::ArrayRef<do
         }
       }
     });
-    offset += param.numel();
-  }
+  });
 }
 
 void update_cpu(at::TensorList params, const at::Tensor& table, at::TensorList averages,
@@ -235,21 +268,21 @@ void update_cpu(at::TensorList params, const at::Tensor& table, at::TensorList a
 // backup = p; p = source (a flat average, or the mean of a ring's first `count` rows).
 template <typename P, typename A, bool FromRing>
 void swap_impl(at::TensorList params, P* backup, const void* source, int64_t stride, int64_t count) {
-  int64_t offset = 0;
-  for (const auto& param : params) {
-    P* p = param.data_ptr<P>();
-    const int64_t base = offset;
-    at::parallel_for(0, param.numel(), kGrain, [&](int64_t begin, int64_t end) {
-      SinkCopies<P>(end - begin).copy(backup + base + begin, p + begin, end - begin);  // a temporary: fenced at once
+  std::vector<P*> p;
+  for (const auto& param : params) p.push_back(param.data_ptr<P>());
+  const FlatParams flat(params);
+  at::parallel_for(0, flat.numel(), kGrain, [&](int64_t task_begin, int64_t task_end) {
+    SinkCopies<P> sink(task_end - task_begin);
+    flat.for_each_piece(task_begin, task_end, [&](size_t i, int64_t base, int64_t begin, int64_t end) {
+      sink.copy(backup + base + begin, p[i] + begin, end - begin);
       if (!FromRing) {
-        convert(p + begin, static_cast<const A*>(source) + base + begin, end - begin);
+        convert(p[i] + begin, static_cast<const A*>(source) + base + begin, end - begin);
         return;
       }
       ring_means(static_cast<const P*>(source) + base, stride, count, begin, end,
-                 [&](int64_t start, const double* means, int64_t n) { store_means<P, A>(p + start, means, n); });
+                 [&](int64_t start, const double* means, int64_t n) { store_means<P, A>(p[i] + start, means, n); });
     });
-    offset += param.numel();
-  }
+  });
 }
 
 void swap_in_cpu(at::TensorList params, const at::Tensor& table, const at::Tensor& backup, const at::Tensor& average) {
@@ -297,14 +330,14 @@ void restore_cpu(at::TensorList params, const at::Tensor& table, const at::Tenso
               "restore_: backup must be a contiguous (N,) buffer in the parameter dtype");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "restore_", [&] {
     const scalar_t* b = backup.data_ptr<scalar_t>();
-    int64_t offset = 0;
-    for (const auto& param : params) {
-      scalar_t* p = param.data_ptr<scalar_t>();
-      const int64_t base = offset;
-      at::parallel_for(0, param.numel(), kGrain,
-                       [&](int64_t begin, int64_t end) { convert(p + begin, b + base + begin, end - begin); });
-      offset += param.numel();
-    }
+    std::vector<scalar_t*> p;
+    for (const auto& param : params) p.push_back(param.data_ptr<scalar_t>());
+    const FlatParams flat(params);
+    at::parallel_for(0, flat.numel(), kGrain, [&](int64_t task_begin, int64_t task_end) {
+      flat.for_each_piece(task_begin, task_end, [&](size_t i, int64_t base, int64_t begin, int64_t end) {
+        convert(p[i] + begin, b + base + begin, end - begin);
+      });
+    });
   });
 }
 
