@@ -154,6 +154,38 @@ def test_resume_after_an_interruption_is_bit_exact(tmp_path, text_file, monkeypa
         assert all(torch.equal(x[k], y[k]) for k in x), name
 
 
+def test_resume_keeps_the_metrics_when_rewriting_them_fails(tmp_path, text_file, monkeypatch):
+    # --resume rewrites metrics.jsonl without the evaluations after the checkpoint. A write that
+    # fails there (a full disk) emptied it: the run's history, lost before any training.
+    loop.train(_args(tmp_path, text_file))
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    before = metrics.read_text()
+
+    class DiskFull:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+
+        writelines = write
+
+    def open_for_a_full_disk(path, mode="r", *args, **kwargs):
+        f = open(path, mode, *args, **kwargs)
+        return DiskFull(f) if "w" in mode else f
+
+    monkeypatch.setattr(loop, "open", open_for_a_full_disk, raising=False)
+    with pytest.raises(OSError, match="No space left"):
+        loop.train(_args(tmp_path, text_file, "--resume"))
+    assert metrics.read_text() == before and before.count("\n") == 3
+
+
 def test_two_process_ddp_run(tmp_path, text_file):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "fastavg.train", "--data", text_file, "--out", str(tmp_path / "ddp"), "--cache-dir",

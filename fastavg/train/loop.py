@@ -126,7 +126,9 @@ def train(args) -> dict:
             kept = []
             if os.path.exists(metrics_path):
                 kept = [line for line in open(metrics_path) if json.loads(line)["step"] <= start]
-            open(metrics_path, "w").writelines(kept)
+            with open(metrics_path + ".tmp", "w") as f:  # a write that fails (disk full) keeps the old file
+                f.writelines(kept)
+            os.replace(metrics_path + ".tmp", metrics_path)
     elif rank == 0:
         open(metrics_path, "w").close()
     if rank == 0:
