@@ -3,13 +3,50 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
+import warnings
 from collections.abc import Iterator
 
 import torch
 
 from . import state
 from .flat import collect_params, make_groups
-from .specs import LAWA, Spec, num_averaged, parse_averaging
+from .specs import EMA, LAWA, SWA, Spec, num_averaged, parse_averaging
+
+
+def _warn_if_updates_round_away(specs: dict[str, Spec], dtype) -> None:
+    """Warn when ``dtype=`` chose averages narrower than float32 for an EMA or SWA.
+
+    A running average moves by a fraction f of its distance to the weights (EMA: 1 - decay; SWA:
+    1/n). A move under half a unit in the last place rounds away, so in a dtype with epsilon eps,
+    weights within eps / (2 f) of the average (relative to its size) leave it unchanged.
+    LAWA is not at risk: its window is exact and its mean is taken in float64 when read.
+    """
+    if dtype is None or torch.finfo(dtype).eps <= torch.finfo(torch.float32).eps:
+        return  # the default average dtypes are float32 or wider
+    half_step = torch.finfo(dtype).eps / 2
+    for name, spec in specs.items():
+        if isinstance(spec, EMA) and half_step / (1 - spec.decay) > 0.01:
+            lost = f"at decay {spec.decay}, weights within {half_step / (1 - spec.decay):.0%} of the average"
+        elif isinstance(spec, SWA):
+            lost = f"after n due steps, weights within n x {half_step:.2%} of the average ({100 * half_step:.0%} at n = 100)"
+        else:
+            continue
+        warnings.warn(
+            f"average {name!r} is kept in {dtype} (dtype=): an update smaller than half of its resolution "
+            f"rounds away, so {lost} leave it unchanged; dtype=None keeps float32 averages",
+            stacklevel=_first_frame_outside_fastavg(),
+        )
+
+
+def _first_frame_outside_fastavg() -> int:
+    """The ``stacklevel`` that points a warning raised in this package at the user's line."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class _Average:
@@ -45,6 +82,7 @@ class Averager:
         specs = parse_averaging(averaging, spec_kwargs)
         tensors, names = collect_params(params)
         self._groups = make_groups(tensors, names, dtype, backend)
+        _warn_if_updates_round_away(specs, dtype)
         self._param_names = names
         self._averages = {name: _Average(name, spec, self._groups) for name, spec in specs.items()}
         self._t = 0

@@ -1,5 +1,6 @@
 """API.md's Precision section: average dtypes, and accuracy over long runs against float64."""
 
+import warnings
 from collections import deque
 
 import pytest
@@ -103,6 +104,44 @@ def test_bf16_weights_keep_fp32_ema_that_does_not_round_away(backend):
     got = avg.averaged_params()[0]
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, torch.full((8,), expected, dtype=torch.float32), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_a_chosen_16_bit_dtype_warns_for_ema_and_swa_whose_updates_round_away(dtype, backend):
+    # The warning's numbers are what happens: at decay 0.999 (bf16: weights within 391%, fp16: 49%
+    # of the average leave it unchanged) weights 30% above the average never move it; SWA stops
+    # short of the mean (bf16: at once, fp16: from n ~ 300, at 9-15%). The warning points at the
+    # caller's line, through wrap() too.
+    p = torch.nn.Parameter(torch.ones(8, dtype=dtype))
+    specs = {"ema": EMA(0.999), "swa": SWA(), "lawa": LAWA(3, every=1), "fast": EMA(0.5)}
+    with pytest.warns(UserWarning) as caught:
+        avg = fastavg.Averager([p], specs, dtype=dtype, backend=backend)
+        fastavg.wrap(torch.optim.SGD([torch.nn.Parameter(torch.ones(2, dtype=dtype))], lr=0.1), "swa", dtype=dtype)
+    messages = [str(w.message) for w in caught]
+    assert [w.filename for w in caught] == [__file__] * 3
+    half_step = torch.finfo(dtype).eps / 2
+    assert f"average 'ema' is kept in {dtype}" in messages[0]
+    assert f"weights within {half_step / 0.001:.0%} of the average" in messages[0]
+    assert f"average 'swa' is kept in {dtype}" in messages[1] and f"n x {half_step:.2%}" in messages[1]
+    assert "average 'swa'" in messages[2] and "dtype=None keeps float32 averages" in messages[2]
+    for _ in range(200):
+        avg.step()
+    with torch.no_grad():
+        p.fill_(1.3)
+    for _ in range(1000):
+        avg.step()
+    assert avg.averaged_params("ema")[0].eq(1.0).all()
+    assert avg.averaged_params("swa")[0].lt(1.2).all()  # the mean is (200 x 1.0 + 1000 x 1.3) / 1200 = 1.25
+    assert torch.equal(avg.averaged_params("lawa")[0], p.detach().to(avg.averaged_params("lawa")[0].dtype))
+    # No warning at decay 0.5: what rounds away there is within eps of the weights, under 1%.
+    torch.testing.assert_close(avg.averaged_params("fast")[0].float(), p.detach().float(), rtol=2 * half_step, atol=0)
+
+
+def test_default_and_wide_average_dtypes_do_not_warn():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastavg.Averager(make_params([(3,)], torch.bfloat16), {"ema": EMA(0.9999), "swa": SWA()})
+        fastavg.Averager(make_params([(3,)], torch.float32), {"ema": EMA(0.9999), "swa": SWA()}, dtype=torch.float64)
 
 
 def _random_walk(numel: int, steps: int, seed: int = 0):
