@@ -184,6 +184,7 @@ def test_resume_keeps_the_metrics_when_rewriting_them_fails(tmp_path, text_file,
     with pytest.raises(OSError, match="No space left"):
         loop.train(_args(tmp_path, text_file, "--resume"))
     assert metrics.read_text() == before and before.count("\n") == 3
+    assert not [f.name for f in metrics.parent.iterdir() if ".partial" in f.name]  # nor a half-written copy
 
 
 def test_two_process_ddp_run(tmp_path, text_file):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
-import os
+
+from ..whole_files import written_whole
 
 FIELDS = ["update", "impl", "dtype", "numel", "median_ms", "host_ms", "gbps", "pct_of_copy", "speedup_vs_stock",
           "speedup_vs_averaged_model", "bytes_per_element", "same_numerics", "note"]  # fmt: skip
@@ -51,10 +52,8 @@ def write_json(path: str, header: dict, records: list[dict]) -> None:
     """A list: one header record (device, versions, copy bandwidth) then one record per measurement.
     The benchmark rewrites it after each update it times, its header's "complete" false until the
     last: a run stopped part way (a time limit on a lent GPU) keeps what it measured."""
-    partial = f"{path}.partial"
-    with open(partial, "w") as f:
+    with written_whole(path) as partial, open(partial, "w") as f:  # the limit may stop the run mid-write
         json.dump([header, *records], f, indent=1)
-    os.replace(partial, path)  # whole or not at all: the limit may stop the run during a write
 
 
 def write_csv(path: str, records: list[dict]) -> None:

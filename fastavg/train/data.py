@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..whole_files import written_whole
+
 BYTE_VOCAB = 256
 BPE_VOCAB = 50304  # GPT-2's 50257 padded to a multiple of 64, as nanoGPT
 VAL_FRACTION = 0.1
@@ -67,9 +69,13 @@ def _build_byte_cache(files: list[str], folder: str) -> None:
     os.makedirs(folder, exist_ok=True)
     total = sum(os.path.getsize(f) for f in files)
     split = int(total * (1 - VAL_FRACTION))
-    tmp = {name: os.path.join(folder, f"{name}.bin.tmp{os.getpid()}") for name in ("train", "val")}
     written = 0
-    with open(tmp["train"], "wb") as train, open(tmp["val"], "wb") as val:
+    with (
+        written_whole(os.path.join(folder, "train.bin")) as train_path,
+        written_whole(os.path.join(folder, "val.bin")) as val_path,
+        open(train_path, "wb") as train,
+        open(val_path, "wb") as val,
+    ):
         for f in files:
             with open(f, "rb") as src:
                 data = src.read()
@@ -77,8 +83,6 @@ def _build_byte_cache(files: list[str], folder: str) -> None:
             train.write(data[:head])
             val.write(data[head:])
             written += len(data)
-    for name, path in tmp.items():
-        os.replace(path, os.path.join(folder, f"{name}.bin"))
     with open(os.path.join(folder, "meta.json"), "w") as f:
         json.dump({"files": len(files), "bytes": total, "train": split, "val": total - split}, f)
 

@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 import fastavg
 
+from ..whole_files import written_whole
 from . import report
 from .cli import checkpoint_path
 from .data import check_fits, get_batch, load_corpus
@@ -126,9 +127,8 @@ def train(args) -> dict:
             kept = []
             if os.path.exists(metrics_path):
                 kept = [line for line in open(metrics_path) if json.loads(line)["step"] <= start]
-            with open(metrics_path + ".tmp", "w") as f:  # a write that fails (disk full) keeps the old file
+            with written_whole(metrics_path) as partial, open(partial, "w") as f:  # a full disk keeps the old file
                 f.writelines(kept)
-            os.replace(metrics_path + ".tmp", metrics_path)
     elif rank == 0:
         open(metrics_path, "w").close()
     if rank == 0:
@@ -175,10 +175,10 @@ def train(args) -> dict:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 progress.note(report.eval_line(record))
-                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": done,
-                            "data_generator": gathered, "rng": _rng_state(device), "args": vars(args)},
-                           ckpt_path + ".tmp")  # fmt: skip
-                os.replace(ckpt_path + ".tmp", ckpt_path)  # a crash mid-save keeps the last good checkpoint
+                with written_whole(ckpt_path) as partial:  # a crash mid-save keeps the last good checkpoint
+                    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": done,
+                                "data_generator": gathered, "rng": _rng_state(device), "args": vars(args)},
+                               partial)  # fmt: skip
     progress.close()
     if world > 1:
         report.check_identical_averages(opt, world, rank)
