@@ -71,8 +71,8 @@ def _build_byte_cache(files: list[str], folder: str) -> None:
     split = int(total * (1 - VAL_FRACTION))
     written = 0
     with (
-        written_whole(os.path.join(folder, "train.bin")) as train_path,
-        written_whole(os.path.join(folder, "val.bin")) as val_path,
+        written_whole(os.path.join(folder, "train.bin"), concurrent_writers=True) as train_path,
+        written_whole(os.path.join(folder, "val.bin"), concurrent_writers=True) as val_path,
         open(train_path, "wb") as train,
         open(val_path, "wb") as val,
     ):
