@@ -108,13 +108,23 @@ def launch(kernel, work_items: int, device: torch.device, *args, grid_key=None, 
     On a GPU the grid is persistent and balanced: no more programs than the SMs hold at once (a
     program that waits for a free slot walks its rows after everyone else, stretching the launch;
     how many fit depends on the kernel's registers, which vary from 38 to 104 across fastavg's
-    variants), each walking an equal share. The interpreter runs one program per item.
+    variants), each walking an equal share. The interpreter runs one program per item. The launch
+    runs on ``device`` (made current for it when another is), in that device's current stream.
     """
     if device.type != "cuda":
         kernel[(max(1, work_items),)](*args, **meta)
         return
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    kernel[(balanced_grid(work_items, _resident_programs(kernel, index, args, meta, grid_key)),)](*args, **meta)
+    current = torch.cuda.current_device()
+    index = device.index if device.index is not None else current
+    grid = (balanced_grid(work_items, _resident_programs(kernel, index, args, meta, grid_key)),)
+    if index == current:
+        kernel[grid](*args, **meta)
+        return
+    # Triton launches on the current device, in its current stream, whatever the arguments' device:
+    # parameters on another GPU (a model moved to cuda:1 with no torch.cuda.set_device) would be
+    # read from device 0, out of torch's stream order there. torch's own ops follow the tensors.
+    with torch.cuda.device(index):
+        kernel[grid](*args, **meta)
 
 
 def vector_width(*dtypes: torch.dtype) -> int:

@@ -282,3 +282,35 @@ def test_every_launch_names_its_fp_contraction(monkeypatch):
     ring_mean.ring_mean_(torch.empty(4106), ring, 2)
     assert len(metas) == 6
     assert all(meta.get("enable_fp_fusion") is table.FP_FUSION for meta in metas), metas
+
+
+@pytest.mark.parametrize("device, current, expected", [("cuda:1", 0, 1), ("cuda:0", 0, 0), ("cuda", 2, 2)])
+def test_a_launch_runs_on_its_tensors_device(monkeypatch, device, current, expected):
+    """Triton launches on the current device, in its current stream: parameters on cuda:1 while
+    cuda:0 is current were refused ("cannot be accessed from Triton") or read out of torch's stream
+    order. launch() makes their device current for the launch, and only when it is not already."""
+    state = {"current": current, "switches": []}
+
+    class DeviceScope:  # torch.cuda.device(index), without a GPU
+        def __init__(self, index):
+            self.index = index
+
+        def __enter__(self):
+            self.previous, state["current"] = state["current"], self.index
+            state["switches"].append(self.index)
+
+        def __exit__(self, *exc):
+            state["current"] = self.previous
+
+    launched = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **meta: launched.append((grid, state["current"], args, meta))
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: state["current"])
+    monkeypatch.setattr(torch.cuda, "device", DeviceScope)
+    monkeypatch.setattr(table, "_resident_programs", lambda kernel, index, args, meta, grid_key=None: 4)
+    table.launch(Kernel(), 10, torch.device(device), "arg", grid_key="key", BLOCK=8)
+    assert launched == [((table.balanced_grid(10, 4),), expected, ("arg",), {"BLOCK": 8})]
+    assert state["switches"] == ([] if expected == current else [expected]) and state["current"] == current
