@@ -34,7 +34,7 @@ def _warn_if_updates_round_away(specs: dict[str, Spec], dtype) -> None:
         else:
             continue
         warnings.warn(
-            f"average {name!r} is kept in {dtype} (dtype=): an update smaller than half of its resolution "
+            f"fastavg: average {name!r} is kept in {dtype} (dtype=): an update under half of its resolution "
             f"rounds away, so {lost} leave it unchanged; dtype=None keeps float32 averages",
             stacklevel=_first_frame_outside_fastavg(),
         )
