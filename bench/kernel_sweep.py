@@ -253,6 +253,8 @@ def main(argv=None) -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("kernel_sweep.py: no CUDA GPU (--device cpu --quick is a smoke test)")
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # the timing events are the current device's (as fastavg-bench)
     torch.manual_seed(0)
     shapes = gpt2_shapes(layers=1, dim=64, vocab=100, context=16) if args.quick else gpt2_shapes()
     params = [torch.randn(s, device=device).bfloat16().view(-1) for s in shapes]

@@ -180,6 +180,20 @@ def test_a_run_stopped_part_way_keeps_what_it_measured(monkeypatch, tmp_path, ca
     assert "stopped part way" in _bench_script("make_table").table_for(str(path))  # and the README says so
 
 
+def test_a_numbered_cuda_device_becomes_the_current_one(monkeypatch):
+    # CUDA events, torch.cuda._sleep and Triton's launches use the current device: timing cuda:1
+    # with cuda:0 current would record the events where none of the work runs.
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    assert cli.resolve_device("cuda:1") == torch.device("cuda", 1) and chosen == [torch.device("cuda", 1)]
+    assert cli.resolve_device("cuda") == torch.device("cuda") and len(chosen) == 1  # the current one already
+    with pytest.raises(SystemExit, match=r"device 'cuda:2': torch sees 2 CUDA device\(s\)"):
+        cli.resolve_device("cuda:2")
+    assert len(chosen) == 1
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

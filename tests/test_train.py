@@ -286,6 +286,11 @@ def test_a_cuda_device_torch_does_not_see_is_refused_by_name(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(SystemExit, match=r"--device cuda:3 but torch sees 1 CUDA device\(s\)"):
         loop._setup_distributed(args)
+    # One process on cuda:3: it becomes the current device, as each rank's does under torchrun.
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    assert loop._setup_distributed(args) == (0, 1, torch.device("cuda", 3)) and chosen == [3]
 
 
 def test_an_unavailable_backend_is_refused_before_any_work(tmp_path, text_file, monkeypatch):

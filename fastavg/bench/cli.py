@@ -84,7 +84,9 @@ def check_outputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 
 
 def resolve_device(name: str) -> torch.device:
-    """``--device``: auto, cpu or cuda[:N]; a clear error when it is not there."""
+    """``--device``: auto, cpu or cuda[:N]; a clear error when it is not there. cuda:N becomes the
+    current device: the timing events, ``torch.cuda._sleep`` and the copy baseline's streams are
+    the current device's, so timing cuda:1 from cuda:0 would time nothing."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -95,6 +97,10 @@ def resolve_device(name: str) -> torch.device:
         raise SystemExit(f"fastavg-bench: device {name!r} is not available: torch sees no CUDA device")
     if device.type not in ("cpu", "cuda"):
         raise SystemExit(f"fastavg-bench: device {name!r} is not supported (cpu or cuda)")
+    if device.type == "cuda" and device.index is not None:
+        if device.index >= torch.cuda.device_count():
+            raise SystemExit(f"fastavg-bench: device {name!r}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+        torch.cuda.set_device(device)
     return device
 
 

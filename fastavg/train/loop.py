@@ -51,6 +51,8 @@ def _setup_distributed(args):
     if index is not None and index >= torch.cuda.device_count():
         raise SystemExit(f"fastavg-train: --device {wanted} but torch sees {torch.cuda.device_count()} CUDA device(s)")
     if world == 1:
+        if index is not None:  # the current device too, as for DDP below: one device per process
+            torch.cuda.set_device(index)
         return 0, 1, torch.device(wanted)
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if wanted.startswith("cuda"):
