@@ -68,6 +68,11 @@ def unavailable(device: torch.device) -> str | None:
             return (
                 "TRITON_INTERPRET=1 was set when the kernels were loaded: the interpreter cannot follow device pointers"
             )
+        # torch.compile's own rule for Triton (torch.utils._triton.has_triton): compute capability 7.0
+        # or later. Before it, the first due step would fail in Triton's compiler, after the inner step.
+        major, minor = torch.cuda.get_device_capability(device if device.index is not None else None)
+        if major < 7:
+            return f"Triton needs a GPU of compute capability 7.0 or later; this one is {major}.{minor}"
         return None
     if device_type == "cpu":
         if not INTERPRET:
