@@ -70,7 +70,10 @@ def unavailable(device: torch.device) -> str | None:
             )
         # torch.compile's own rule for Triton (torch.utils._triton.has_triton): compute capability 7.0
         # or later. Before it, the first due step would fail in Triton's compiler, after the inner step.
-        major, minor = torch.cuda.get_device_capability(device if device.index is not None else None)
+        try:
+            major, minor = torch.cuda.get_device_capability(device if device.index is not None else None)
+        except (AssertionError, RuntimeError) as err:  # torch's "Invalid device id" is an AssertionError
+            return f"CUDA device {device} cannot be queried ({err})"
         if major < 7:
             return f"Triton needs a GPU of compute capability 7.0 or later; this one is {major}.{minor}"
         return None

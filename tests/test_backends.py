@@ -163,3 +163,20 @@ def test_triton_needs_compute_capability_7(monkeypatch, capability, refused, dev
         assert why == "Triton needs a GPU of compute capability 7.0 or later; this one is 6.1"
     else:
         assert why is None
+
+
+def test_triton_on_a_cuda_device_torch_cannot_query_says_so(monkeypatch):
+    pytest.importorskip("triton")
+    from fastavg.kernels import table
+
+    from fastavg import triton_backend
+
+    def invalid(device=None):
+        raise AssertionError("Invalid device id")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", invalid)
+    monkeypatch.setattr(table, "INTERPRET", False)
+    assert (
+        triton_backend.unavailable(torch.device("cuda:7")) == "CUDA device cuda:7 cannot be queried (Invalid device id)"
+    )
