@@ -6,6 +6,7 @@ launcher's C call, which needs a GPU.
 
 What this cannot see:
 - the launcher itself (about 10 us per launch on run 6's H200 host, by its profile);
+- torch's own answer to `torch.cuda.current_device()`, which each launch asks (a stand-in here);
 - anything CUDA tensors cost beyond CPU ones.
 
 GPU time is scarce, and LAWA alone is bound by this cost on a slow host: this lets a change to the
@@ -68,6 +69,7 @@ def stand_in_for_the_gpu() -> None:
     triton_compiler.CompiledKernel._init_handles = _load_without_gpu
     ops.backend_by_name("triton").unavailable = lambda device: None
     cuda = types.SimpleNamespace(type="cuda", index=0)
+    torch.cuda.current_device = lambda: 0  # the stand-in device is the current one: no switch
     launch = table.launch
     update.launch = lambda kernel, work, device, *args, **meta: launch(kernel, work, cuda, *args, **meta)
 
