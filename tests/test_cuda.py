@@ -88,14 +88,17 @@ def test_native_cuda_kernels_run_on_every_visible_gpu():
 
 def test_parameters_on_a_gpu_that_is_not_the_current_one(cuda_backend):
     """A model moved to cuda:1 with no torch.cuda.set_device: every op runs on cuda:1 (Triton
-    launches on the current device unless told otherwise) and matches the torch backend there."""
+    launches on the current device unless told otherwise) and matches the torch backend there,
+    beside a group on the current GPU."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
     other = torch.device("cuda", torch.cuda.device_count() - 1)
     assert torch.cuda.current_device() != other.index
     results = {}
     for backend in ("torch", cuda_backend):
+        torch.manual_seed(0)
         params = [torch.nn.Parameter(torch.randn(n, device=other).bfloat16()) for n in (4099, 7, 70_000)]
+        params.append(torch.nn.Parameter(torch.randn(33, device="cuda").bfloat16()))  # the current GPU
         avg = fastavg.Averager(params, SPECS, backend=backend)
         for step in range(5):
             with torch.no_grad():
@@ -108,11 +111,12 @@ def test_parameters_on_a_gpu_that_is_not_the_current_one(cuda_backend):
         assert all(torch.equal(p, b) for p, b in zip(params, before))
         results[backend] = ([t for name in avg.names for t in avg.averaged_params(name)], swapped)
     (averages, swapped), (ref_averages, ref_swapped) = results[cuda_backend], results["torch"]
-    for got, want in zip(averages, ref_averages):
-        assert got.device == other
+    devices = [other] * 3 + [torch.device("cuda", torch.cuda.current_device())]
+    for i, (got, want) in enumerate(zip(averages, ref_averages)):
+        assert got.device == devices[i % 4]
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    for got, want in zip(swapped, ref_swapped):
-        assert got.device == other
+    for got, want, device in zip(swapped, ref_swapped, devices):
+        assert got.device == device
         torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)  # bf16: the two may round an ulp apart
 
 
