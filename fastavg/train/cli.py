@@ -49,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--lawa-every", type=int, default=None, help="LAWA/SWA: steps between checkpoints (default: the eval interval)"
     )
     p.add_argument("--backend", default="auto", choices=("auto", *BACKEND_NAMES), help="fastavg backend")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--cache-dir", help="where the byte-level corpus is cached (default ~/.cache/fastavg)")
