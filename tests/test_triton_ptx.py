@@ -227,3 +227,31 @@ def test_first_calls_compile_the_kernels_later_calls_run(arch):
             _specialisation(ring_mean.ring_mean_kernel, arch, (out, ring, 4099, 4104, count), {"BLOCK": BLOCK})
         )
     assert swaps[0] == swaps[1] and means[0] == means[1]
+
+
+@compiling
+@pytest.mark.parametrize("arch", [70, 75])  # V100 and T4: the oldest GPUs the Triton backend takes
+@pytest.mark.parametrize(
+    "p_dtype, p_ptr, avg_dtype, avg_ptr",
+    [(tl.bfloat16, "*bf16", tl.float32, "*fp32"), (tl.float16, "*fp16", tl.float32, "*fp32"),
+     (tl.float32, "*fp32", tl.float32, "*fp32"), (tl.float64, "*fp64", tl.float64, "*fp64")],
+    ids=["bf16", "fp16", "fp32", "fp64"],
+)  # fmt: skip
+def test_every_kernel_compiles_for_compute_capability_7(arch, p_dtype, p_ptr, avg_dtype, avg_ptr):
+    """triton_backend takes GPUs of compute capability 7.0 and later (torch.compile's rule), where
+    no run has been: every kernel, in every dtype, must at least compile there. (Triton's README
+    lists 8.0 and later as supported; these kernels use no matrix unit.)"""
+    widest = 8 if avg_dtype == tl.float64 else 4
+    vec = 16 // max(widest, p_dtype.primitive_bitwidth // 8)
+    math = tl.float64 if avg_dtype == tl.float64 else tl.float32
+    update_consts = {"P_DTYPE": p_dtype, "MATH": math, "N_AVG": 2, "N_RING": 1, "BLOCK": BLOCK, "VEC": vec}
+    _compile(update.update_kernel, _update_signature(avg=avg_ptr, ring=p_ptr), update_consts, arch)
+    snapshot_sig = {"table": "*i64", "n_rows": "i32", "r0": p_ptr, "r1": p_ptr}
+    snapshot_consts = {"P_DTYPE": p_dtype, "N_RING": 2, "BLOCK": BLOCK, "VEC": 16 // (p_dtype.primitive_bitwidth // 8)}
+    _compile(update.snapshot_kernel, snapshot_sig, snapshot_consts, arch)
+    for mode, source in [(swap.FROM_AVERAGE, avg_ptr), (swap.FROM_RING, p_ptr), (swap.RESTORE, p_ptr)]:
+        sig = {"table": "*i64", "n_rows": "i32", "backup": p_ptr, "source": source, "stride": "i64", "count": "i32"}
+        consts = {"P_DTYPE": p_dtype, "AVG_DTYPE": avg_dtype, "MODE": mode, "BLOCK": BLOCK, "VEC": vec}
+        _compile(swap.swap_kernel, sig, consts, arch)
+    mean_sig = {"out": avg_ptr, "ring": p_ptr, "n": "i64", "stride": "i64", "count": "i32"}
+    _compile(ring_mean.ring_mean_kernel, mean_sig, {"BLOCK": BLOCK}, arch)
