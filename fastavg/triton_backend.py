@@ -71,7 +71,7 @@ def unavailable(device: torch.device) -> str | None:
         # torch.compile's own rule for Triton (torch.utils._triton.has_triton): compute capability 7.0
         # or later. Before it, the first due step would fail in Triton's compiler, after the inner step.
         try:
-            major, minor = torch.cuda.get_device_capability(device if device.index is not None else None)
+            major, minor = torch.cuda.get_device_capability(device)  # no index: the current GPU
         except (AssertionError, RuntimeError) as err:  # torch's "Invalid device id" is an AssertionError
             return f"CUDA device {device} cannot be queried ({err})"
         if major < 7:

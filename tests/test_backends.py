@@ -143,40 +143,40 @@ def test_triton_too_old_to_compile_the_kernels_is_unavailable(monkeypatch, versi
         assert why is None or ">= 3.2" not in why
 
 
-@pytest.mark.parametrize("capability, refused", [((6, 1), True), ((7, 0), False), ((9, 0), False)])
-@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
-def test_triton_needs_compute_capability_7(monkeypatch, capability, refused, device):
-    # torch.compile's rule for Triton. A Pascal GPU would otherwise fail in Triton's compiler at the
-    # first due step, after the inner step ran; refused here, "auto" takes another backend.
+@pytest.fixture
+def triton_on_a_stand_in_gpu(monkeypatch):
+    """triton_backend, with CUDA reported available and the kernels compiled (not interpreted)."""
     pytest.importorskip("triton")
     from fastavg.kernels import table
 
     from fastavg import triton_backend
 
-    asked = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: asked.append(d) or capability)
     monkeypatch.setattr(table, "INTERPRET", False)
-    why = triton_backend.unavailable(torch.device(device))
-    assert asked == [torch.device(device) if ":" in device else None]  # that GPU, or the current one
+    return triton_backend
+
+
+@pytest.mark.parametrize("capability, refused", [((6, 1), True), ((7, 0), False), ((9, 0), False)])
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_triton_needs_compute_capability_7(triton_on_a_stand_in_gpu, monkeypatch, capability, refused, device):
+    # torch.compile's rule for Triton. A Pascal GPU would otherwise fail in Triton's compiler at the
+    # first due step, after the inner step ran; refused here, "auto" takes another backend.
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: asked.append(d) or capability)
+    why = triton_on_a_stand_in_gpu.unavailable(torch.device(device))
+    assert asked == [torch.device(device)]  # that GPU; with no index, torch takes the current one
     if refused:
         assert why == "Triton needs a GPU of compute capability 7.0 or later; this one is 6.1"
     else:
         assert why is None
 
 
-def test_triton_on_a_cuda_device_torch_cannot_query_says_so(monkeypatch):
-    pytest.importorskip("triton")
-    from fastavg.kernels import table
-
-    from fastavg import triton_backend
-
+def test_triton_on_a_cuda_device_torch_cannot_query_says_so(triton_on_a_stand_in_gpu, monkeypatch):
     def invalid(device=None):
         raise AssertionError("Invalid device id")
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", invalid)
-    monkeypatch.setattr(table, "INTERPRET", False)
     assert (
-        triton_backend.unavailable(torch.device("cuda:7")) == "CUDA device cuda:7 cannot be queried (Invalid device id)"
+        triton_on_a_stand_in_gpu.unavailable(torch.device("cuda:7"))
+        == "CUDA device cuda:7 cannot be queried (Invalid device id)"
     )
