@@ -276,6 +276,23 @@ def test_a_fresh_start_over_an_earlier_run_is_refused_unless_told_to_overwrite(t
     assert torch.load(out / "ckpt.pt")["step"] == 10
 
 
+def test_an_average_with_no_checkpoint_leaves_no_weights_file(tmp_path, text_file, capsys):
+    # SWA and LAWA take a checkpoint every evaluation interval (10 steps): a 5-step run has none.
+    # Their files held the raw weights under the averages' names, and an earlier run's stayed.
+    loop.train(_args(tmp_path, text_file, "--steps", "20"))
+    out = tmp_path / "run"
+    assert all((out / f"model_{name}.pt").exists() for name in ("ema", "swa", "lawa"))
+    capsys.readouterr()
+    loop.train(_args(tmp_path, text_file, "--steps", "5", "--overwrite"))
+    assert not (out / "model_swa.pt").exists() and not (out / "model_lawa.pt").exists()
+    raw, ema = torch.load(out / "model_raw.pt"), torch.load(out / "model_ema.pt")
+    assert not all(torch.equal(raw[k], ema[k]) for k in raw)
+    printed = capsys.readouterr().out
+    assert "model_raw.pt, model_ema.pt, ckpt.pt" in printed
+    assert "no model_swa.pt: swa had averaged no checkpoint by the last step" in printed
+    assert "no model_lawa.pt" in printed
+
+
 def test_a_cuda_device_torch_does_not_see_is_refused_by_name(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     args = types.SimpleNamespace(device="cuda:3")

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
 import torch
 import torch.distributed as dist
+
+from ..whole_files import written_whole
+from .cli import AVERAGES
 
 
 def eval_line(record: dict) -> str:
@@ -53,11 +57,24 @@ def plot(records: list[dict], path: str) -> bool:
 
 
 def finish(out: str, model, opt, metrics_path: str) -> None:
-    """Final weights (raw and each average, as model state dicts), the plot and the summary table."""
-    torch.save(model.state_dict(), os.path.join(out, "model_raw.pt"))
-    for name in opt.names:
-        with opt.averaged(name):
-            torch.save(_cloned(model.state_dict()), os.path.join(out, f"model_{name}.pt"))
+    """Final weights as model state dicts (the raw ones, and each average that holds a checkpoint),
+    the plot and the summary table."""
+    with written_whole(os.path.join(out, "model_raw.pt")) as partial:
+        torch.save(model.state_dict(), partial)
+    saved, unsaved = ["model_raw.pt"], []
+    for name in AVERAGES:
+        path = os.path.join(out, f"model_{name}.pt")
+        if name in opt.names and opt.num_averaged(name) > 0:
+            with opt.averaged(name), written_whole(path) as partial:
+                torch.save(_cloned(model.state_dict()), partial)
+            saved.append(f"model_{name}.pt")
+            continue
+        # An average with no checkpoint yet would save the raw weights under its name (averaged()
+        # leaves them as they are), and an earlier run's file here would pass for this run's.
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+        if name in opt.names:
+            unsaved.append(f"no model_{name}.pt: {name} had averaged no checkpoint by the last step")
     records = [json.loads(line) for line in open(metrics_path)]
     if not records:
         return
@@ -66,8 +83,9 @@ def finish(out: str, model, opt, metrics_path: str) -> None:
     print(summary_table(records))
     final = {k: v for k, v in records[-1]["val_loss"].items() if v is not None}
     print("\nfinal: " + final_line(final))
-    print(f"outputs in {out}: metrics.jsonl, {'val_loss.png, ' if plotted else ''}model_raw.pt, "
-          + ", ".join(f"model_{n}.pt" for n in opt.names) + ", ckpt.pt")  # fmt: skip
+    print(f"outputs in {out}: metrics.jsonl, {'val_loss.png, ' if plotted else ''}" + ", ".join(saved) + ", ckpt.pt")
+    for line in unsaved:
+        print(line)
 
 
 def _cloned(state: dict) -> dict:
