@@ -64,7 +64,9 @@ def _make_table(group) -> torch.Tensor:
     # The CUDA kernels read parameters through the table; the CPU kernels walk the tensors themselves.
     if group.device.type == "cuda":
         return build_table(group.flat_params)
-    return torch.empty(0, dtype=torch.int64)
+    # On the group's device by name: a table on torch's default device, where that is another
+    # (torch.set_default_device("cuda") around a CPU model), would send the op to that device's kernel.
+    return torch.empty(0, dtype=torch.int64, device=group.device)
 
 
 def _no_op(*args, **kwargs) -> None:

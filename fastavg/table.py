@@ -33,5 +33,7 @@ def build_table(flat_params: list[torch.Tensor], chunk: int = CHUNK) -> torch.Te
             aligned = row_address % ALIGN_BYTES == 0 and (offset + start) % ALIGN_ELEMENTS == 0
             rows.append((row_address, offset + start, min(chunk, numel - start), int(aligned)))
         offset += numel
-    table = torch.tensor(rows, dtype=torch.int64).reshape(-1, COLUMNS)
+    # Built on the CPU by name, not on torch's default device (torch.set_default_device, or a
+    # `with torch.device(...)` block around wrap), which need not be the parameters'.
+    table = torch.tensor(rows, dtype=torch.int64, device="cpu").reshape(-1, COLUMNS)
     return table.to(flat_params[0].device) if flat_params else table

@@ -183,3 +183,30 @@ def test_float_buffers_averaged_beside_the_parameters_as_the_readme_shows(backen
             else:
                 assert torch.equal(value, training[key])  # num_batches_tracked: not averaged
     assert all(torch.equal(v, training[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("default", ["meta", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_torch_default_device_elsewhere_changes_nothing(backend, default):
+    # torch.set_default_device (or a `with torch.device(...)` block around wrap) moves every tensor
+    # made without a device. The native backend's CPU table went there and took the op with it:
+    # under "meta" no average was ever updated; under "cuda" the CUDA kernel got the CPU tensors.
+    specs = {"e": EMA(0.5), "s": SWA(), "l": LAWA(window=2, every=1)}
+    expected_params, found_params = make_params([(7,), (3, 5)]), make_params([(7,), (3, 5)])
+    expected = fastavg.Averager(expected_params, specs, backend=backend)
+    values = [make_params([(7,), (3, 5)], seed=step) for step in range(1, 4)]
+    for step_values in values:
+        with torch.no_grad():
+            torch._foreach_copy_(expected_params, step_values)
+        expected.step()
+    with torch.device(default):
+        found = fastavg.Averager(found_params, specs, backend=backend)
+        for step_values in values:
+            with torch.no_grad():
+                torch._foreach_copy_(found_params, step_values)
+            found.step()
+        for name in specs:
+            assert all(torch.equal(a, b) for a, b in zip(found.averaged_params(name), expected.averaged_params(name)))
+        with found.averaged("l"):
+            assert all(torch.equal(p, a) for p, a in zip(found_params, expected.averaged_params("l")))
+        assert all(torch.equal(p, v) for p, v in zip(found_params, values[-1]))
+        found.load_state_dict(expected.state_dict())
