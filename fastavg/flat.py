@@ -8,7 +8,7 @@ the group's flat vector, and what it needs to notice a parameter replaced after 
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from operator import attrgetter
 
 import torch
@@ -36,11 +36,18 @@ def collect_params(params) -> tuple[list[torch.Tensor], list[str]]:
             f"params must be an iterable of tensors or of param-group dicts, got the module "
             f"{type(params).__name__}: pass model.parameters() or model.named_parameters()"
         )
+    if isinstance(params, Mapping):  # a state dict (or one param group) iterates over its keys
+        fix = "a list of param groups: [group]" if "params" in params else "its .items() for names and tensors"
+        raise TypeError(
+            f"params must be an iterable of tensors or of param-group dicts, got {type(params).__name__}, a "
+            f"mapping (it iterates over its keys): pass model.parameters(), model.named_parameters() or {fix}"
+        )
     try:
         items = list(params)
     except TypeError:
+        call = f" {getattr(params, '__name__', '')}: call it" if callable(params) else ""  # model.parameters
         raise TypeError(
-            f"params must be an iterable of tensors or param-group dicts, got {type(params).__name__}"
+            f"params must be an iterable of tensors or param-group dicts, got {type(params).__name__}{call}"
         ) from None
     tensors: list[torch.Tensor] = []
     names: list[str] = []

@@ -75,6 +75,18 @@ def test_a_module_given_for_params_or_optimizer_says_what_to_pass(module):
         fastavg.wrap(module, "ema")
 
 
+def test_a_mapping_or_an_uncalled_method_given_for_params_says_what_to_pass():
+    # A dict iterates over its names: "parameter 0 is a str" said what went wrong, not what to pass.
+    model = torch.nn.Linear(2, 2)
+    for mapping in (model.state_dict(), dict(model.named_parameters())):
+        with pytest.raises(TypeError, match=r"got (OrderedDict|dict), a mapping .*or its \.items\(\)"):
+            fastavg.Averager(mapping, "ema")
+    with pytest.raises(TypeError, match=r"got dict, a mapping .*a list of param groups: \[group\]"):
+        fastavg.Averager({"params": list(model.parameters())}, "ema")
+    with pytest.raises(TypeError, match="got method parameters: call it"):
+        fastavg.Averager(model.parameters, "ema")
+
+
 def test_duplicate_parameter_raises():
     p = torch.nn.Parameter(torch.zeros(3))
     with pytest.raises(ValueError, match="more than once"):
