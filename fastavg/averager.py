@@ -87,6 +87,7 @@ class Averager:
         self._averages = {name: _Average(name, spec, self._groups) for name, spec in specs.items()}
         self._t = 0
         self._open = False
+        self._on_cuda = any(g.device.type == "cuda" for g in self._groups)
 
     # -- what users read ---------------------------------------------------------------------
     @property
@@ -128,9 +129,19 @@ class Averager:
             group.check_unchanged()
 
     def check_can_step(self) -> None:
-        """RuntimeError inside ``averaged()``: the parameters hold an average, not the training values."""
+        """RuntimeError inside ``averaged()`` (the parameters hold an average, not the training
+        values) and while a CUDA graph is being captured."""
         if self._open:
             raise RuntimeError("step() called inside averaged(): the parameters hold an average; leave the block first")
+        if self._on_cuda and torch.cuda.is_current_stream_capturing():
+            # The schedule runs on the host: a replay would repeat this step's update (its weights,
+            # its LAWA ring slot) and count nothing, so every average would go silently wrong.
+            raise RuntimeError(
+                "step() while a CUDA graph is being captured: fastavg's schedule (which averages are due, "
+                "their weights, LAWA's ring slot) runs on the host, so a replay would repeat this step's "
+                "update without counting it. Capture the inner optimizer's step (opt.optimizer.step()) and "
+                "call the averager's step() (opt.averager.step()) outside the graph, after each replay."
+            )
 
     @torch.compiler.disable  # host-side schedule: see AveragedOptimizer._before_inner_step
     def step(self) -> None:

@@ -132,6 +132,36 @@ def test_no_host_sync_in_the_update_path(cuda_backend):
         torch.cuda.set_sync_debug_mode("default")
 
 
+def test_a_step_captured_into_a_cuda_graph_raises_and_the_recipe_it_gives_averages_every_replay(cuda_backend):
+    """A captured opt.step() would replay one update and count none: it raises before the inner
+    step. The error's recipe (the inner step in the graph, the averager's step after each replay)
+    averages what every replay left."""
+    model = torch.nn.Linear(16, 4, device="cuda")
+    opt = fastavg.wrap(torch.optim.SGD(model.parameters(), lr=0.1), LAWA(window=2, every=1), backend=cuda_backend)
+    model(torch.randn(8, 16, device="cuda")).square().mean().backward()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # a first step outside the graph, as torch asks
+        opt.step()
+    torch.cuda.current_stream().wait_stream(stream)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="CUDA graph is being captured"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            opt.step()
+    assert opt.step_count == 1 and all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.optimizer.step()
+    snapshots = []
+    for _ in range(3):
+        graph.replay()
+        opt.averager.step()
+        snapshots.append([p.detach().clone() for p in model.parameters()])
+    assert opt.step_count == 4 and opt.num_averaged() == 2
+    for got, a, b in zip(opt.averaged_params(), *snapshots[-2:]):
+        torch.testing.assert_close(got, ((a.double() + b.double()) / 2).float(), rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gpt2_sized_update_matches_torch_backend(dtype, cuda_backend):
     _gpt2_sized_update_matches_torch_backend(dtype, cuda_backend)

@@ -111,6 +111,29 @@ def test_grad_scaler_matches_inner_optimizer_and_skipped_steps_do_not_count(fuse
     assert not hasattr(wo.optimizer, "grad_scale") and not hasattr(wo.optimizer, "found_inf")
 
 
+def test_a_step_in_a_cuda_graph_capture_raises_before_the_inner_step(monkeypatch, backend):
+    # A captured step would replay this step's update (its weights, its LAWA slot) and count
+    # nothing. Without a GPU: parameters taken for CUDA ones and a capture said to be running
+    # (test_cuda.py captures for real).
+    model = _model()
+    opt = fastavg.wrap(torch.optim.SGD(model.parameters(), lr=0.1), LAWA(window=2, every=1), backend=backend)
+    avg = fastavg.Averager(list(model.parameters()), EMA(0.5), backend=backend)
+    model(_batch(0)).square().mean().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    for averager in (opt.averager, avg):
+        monkeypatch.setattr(averager, "_on_cuda", True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    for step in (opt.step, avg.step):
+        with pytest.raises(RuntimeError, match=r"CUDA graph is being captured.*opt.averager.step\(\)"):
+            step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))  # the inner step did not run
+    assert opt.step_count == avg.step_count == 0 and opt.num_averaged() == 0
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    opt.step()
+    avg.step()
+    assert opt.step_count == avg.step_count == 1 and opt.num_averaged() == 1
+
+
 def test_closure_loss_is_returned():
     model = _model()
     opt = fastavg.wrap(torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=3), "ema")
