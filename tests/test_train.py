@@ -293,6 +293,31 @@ def test_an_average_with_no_checkpoint_leaves_no_weights_file(tmp_path, text_fil
     assert "no model_lawa.pt" in printed
 
 
+def test_an_overwrite_that_stops_before_its_first_evaluation_leaves_nothing_of_the_earlier_run(
+    tmp_path, text_file, monkeypatch, capsys
+):
+    # The fresh start empties metrics.jsonl at once; the earlier run's checkpoint stayed until the
+    # first evaluation, so a --resume after a crash before it continued the run given up.
+    loop.train(_args(tmp_path, text_file, "--steps", "20"))
+    out = tmp_path / "run"
+    real_update = loop.Progress.update
+
+    def update_then_die(self, step, loss):
+        real_update(self, step, loss)
+        if step == 3:
+            raise _Interrupt
+
+    monkeypatch.setattr(loop.Progress, "update", update_then_die)
+    with pytest.raises(_Interrupt):
+        loop.train(_args(tmp_path, text_file, "--steps", "20", "--overwrite"))
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl"]
+    assert (out / "metrics.jsonl").read_text() == ""
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        _args(tmp_path, text_file, "--steps", "20", "--resume")
+    assert "--resume: no checkpoint at" in capsys.readouterr().err
+
+
 def test_a_cuda_device_torch_does_not_see_is_refused_by_name(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     args = types.SimpleNamespace(device="cuda:3")

@@ -131,7 +131,8 @@ def train(args) -> dict:
                 kept = [line for line in open(metrics_path) if json.loads(line)["step"] <= start]
             with written_whole(metrics_path) as partial, open(partial, "w") as f:  # a full disk keeps the old file
                 f.writelines(kept)
-    elif rank == 0:
+    elif rank == 0:  # a fresh start: nothing of an earlier run here (--overwrite) may outlive its metrics
+        report.remove_outputs(args.out)
         open(metrics_path, "w").close()
     if rank == 0:
         print(f"fastavg-train: {args.preset} ({model.num_params() / 1e6:.2f}M parameters) on {device} x{world}, "

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from ..whole_files import written_whole
-from .cli import AVERAGES
+from .cli import AVERAGES, checkpoint_path
 
 
 def eval_line(record: dict) -> str:
@@ -86,6 +86,16 @@ def finish(out: str, model, opt, metrics_path: str) -> None:
     print(f"outputs in {out}: metrics.jsonl, {'val_loss.png, ' if plotted else ''}" + ", ".join(saved) + ", ckpt.pt")
     for line in unsaved:
         print(line)
+
+
+def remove_outputs(out: str) -> None:
+    """Delete what a run leaves in ``out`` but its metrics (which a fresh start empties): a
+    --resume after a crash before the first evaluation would otherwise continue the earlier run's
+    checkpoint, and its weights and plot would pass for the new run's."""
+    names = ["val_loss.png", "model_raw.pt", *(f"model_{n}.pt" for n in AVERAGES)]
+    for path in [checkpoint_path(out), *(os.path.join(out, name) for name in names)]:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
 
 
 def _cloned(state: dict) -> dict:
