@@ -62,19 +62,13 @@ def finish(out: str, model, opt, metrics_path: str) -> None:
     with written_whole(os.path.join(out, "model_raw.pt")) as partial:
         torch.save(model.state_dict(), partial)
     saved, unsaved = ["model_raw.pt"], []
-    for name in AVERAGES:
-        path = os.path.join(out, f"model_{name}.pt")
-        if name in opt.names and opt.num_averaged(name) > 0:
-            with opt.averaged(name), written_whole(path) as partial:
-                torch.save(_cloned(model.state_dict()), partial)
-            saved.append(f"model_{name}.pt")
-            continue
-        # An average with no checkpoint yet would save the raw weights under its name (averaged()
-        # leaves them as they are), and an earlier run's file here would pass for this run's.
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
-        if name in opt.names:
+    for name in opt.names:
+        if opt.num_averaged(name) == 0:  # averaged() would leave the raw weights, saved under its name
             unsaved.append(f"no model_{name}.pt: {name} had averaged no checkpoint by the last step")
+            continue
+        with opt.averaged(name), written_whole(os.path.join(out, f"model_{name}.pt")) as partial:
+            torch.save(_cloned(model.state_dict()), partial)
+        saved.append(f"model_{name}.pt")
     records = [json.loads(line) for line in open(metrics_path)]
     if not records:
         return
