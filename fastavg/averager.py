@@ -130,18 +130,23 @@ class Averager:
 
     def check_can_step(self) -> None:
         """RuntimeError inside ``averaged()`` (the parameters hold an average, not the training
-        values) and while a CUDA graph is being captured."""
+        values), and while a CUDA graph is being captured."""
         if self._open:
             raise RuntimeError("step() called inside averaged(): the parameters hold an average; leave the block first")
+        # The schedule runs on the host: a replay would repeat this step's update (its weights, its
+        # LAWA ring slot) and count nothing, so every average would go silently wrong.
+        self._refuse_capture(
+            "step()",
+            "fastavg's schedule (which averages are due, their weights, LAWA's ring slot) runs on the host, "
+            "so a replay would repeat this step's update without counting it. Capture the inner optimizer's "
+            "step (opt.optimizer.step()) and call the averager's step() (opt.averager.step()) outside the "
+            "graph, after each replay.",
+        )
+
+    def _refuse_capture(self, call: str, why: str) -> None:
+        """RuntimeError while the current CUDA stream is capturing a graph, for CUDA parameters."""
         if self._on_cuda and torch.cuda.is_current_stream_capturing():
-            # The schedule runs on the host: a replay would repeat this step's update (its weights,
-            # its LAWA ring slot) and count nothing, so every average would go silently wrong.
-            raise RuntimeError(
-                "step() while a CUDA graph is being captured: fastavg's schedule (which averages are due, "
-                "their weights, LAWA's ring slot) runs on the host, so a replay would repeat this step's "
-                "update without counting it. Capture the inner optimizer's step (opt.optimizer.step()) and "
-                "call the averager's step() (opt.averager.step()) outside the graph, after each replay."
-            )
+            raise RuntimeError(f"{call} while a CUDA graph is being captured: {why}")
 
     @torch.compiler.disable  # host-side schedule: see AveragedOptimizer._before_inner_step
     def step(self) -> None:
@@ -196,6 +201,12 @@ class Averager:
         average = self._get(name)
         if self._open:
             raise RuntimeError("averaged() is already open; nested averaged() blocks are not supported")
+        self._refuse_capture(
+            "averaged()",
+            "what it swaps in (which average, how many LAWA snapshots, or nothing before the first due "
+            "step) is decided on the host, so every replay would keep the choice made at capture as the "
+            "averages move on. Capture the evaluation alone, and replay it inside averaged().",
+        )
         self.check_params()
         self._open = True
         swapped: list[tuple[int, torch.Tensor]] = []
@@ -240,6 +251,7 @@ class Averager:
     def averaged_params(self, name: str | None = None) -> list[torch.Tensor]:
         """New tensors holding average ``name`` in the averages' dtype, one per parameter, in parameter order."""
         average = self._get(name)
+        self._refuse_capture("averaged_params()", "its tensors would hold the average only after a replay.")
         self.check_params()
         result: list[torch.Tensor | None] = [None] * len(self._param_names)
         for gi, group in enumerate(self._groups):

@@ -132,10 +132,11 @@ def test_no_host_sync_in_the_update_path(cuda_backend):
         torch.cuda.set_sync_debug_mode("default")
 
 
-def test_a_step_captured_into_a_cuda_graph_raises_and_the_recipe_it_gives_averages_every_replay(cuda_backend):
+def test_a_cuda_graph_capture_is_refused_and_the_recipes_the_errors_give_work(cuda_backend):
     """A captured opt.step() would replay one update and count none: it raises before the inner
     step. The error's recipe (the inner step in the graph, the averager's step after each replay)
-    averages what every replay left."""
+    averages what every replay left. averaged() is refused too, and its recipe (the evaluation
+    captured alone, replayed inside averaged()) reads the average."""
     model = torch.nn.Linear(16, 4, device="cuda")
     opt = fastavg.wrap(torch.optim.SGD(model.parameters(), lr=0.1), LAWA(window=2, every=1), backend=cuda_backend)
     model(torch.randn(8, 16, device="cuda")).square().mean().backward()
@@ -158,8 +159,24 @@ def test_a_step_captured_into_a_cuda_graph_raises_and_the_recipe_it_gives_averag
         opt.averager.step()
         snapshots.append([p.detach().clone() for p in model.parameters()])
     assert opt.step_count == 4 and opt.num_averaged() == 2
-    for got, a, b in zip(opt.averaged_params(), *snapshots[-2:]):
+    lawa = opt.averaged_params()
+    for got, a, b in zip(lawa, *snapshots[-2:]):
         torch.testing.assert_close(got, ((a.double() + b.double()) / 2).float(), rtol=1e-6, atol=1e-7)
+    # averaged() too is refused in a capture; its recipe: capture the evaluation, replay it inside.
+    x = torch.randn(8, 16, device="cuda")
+    with pytest.raises(RuntimeError, match=r"averaged\(\) while a CUDA graph"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()), opt.averaged():
+            pass
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(stream):  # warm-up outside the graph, as torch asks
+        model(x)
+    torch.cuda.current_stream().wait_stream(stream)
+    evaluation = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(evaluation):
+        out = model(x)
+    with opt.averaged():
+        evaluation.replay()
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, *lawa), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -111,10 +111,10 @@ def test_grad_scaler_matches_inner_optimizer_and_skipped_steps_do_not_count(fuse
     assert not hasattr(wo.optimizer, "grad_scale") and not hasattr(wo.optimizer, "found_inf")
 
 
-def test_a_step_in_a_cuda_graph_capture_raises_before_the_inner_step(monkeypatch, backend):
+def test_a_cuda_graph_capture_is_refused_by_step_before_the_inner_step_and_by_averaged(monkeypatch, backend):
     # A captured step would replay this step's update (its weights, its LAWA slot) and count
-    # nothing. Without a GPU: parameters taken for CUDA ones and a capture said to be running
-    # (test_cuda.py captures for real).
+    # nothing; a captured averaged() would keep what it swapped in at capture. Without a GPU:
+    # parameters taken for CUDA ones and a capture said to be running (test_cuda.py captures).
     model = _model()
     opt = fastavg.wrap(torch.optim.SGD(model.parameters(), lr=0.1), LAWA(window=2, every=1), backend=backend)
     avg = fastavg.Averager(list(model.parameters()), EMA(0.5), backend=backend)
@@ -132,6 +132,22 @@ def test_a_step_in_a_cuda_graph_capture_raises_before_the_inner_step(monkeypatch
     opt.step()
     avg.step()
     assert opt.step_count == avg.step_count == 1 and opt.num_averaged() == 1
+    # What averaged() swaps in, and averaged_params()'s values, are decided on the host too.
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    training = [p.detach().clone() for p in model.parameters()]
+    for averager in (opt, avg):
+        with pytest.raises(RuntimeError, match=r"averaged\(\) while a CUDA graph .*replay it inside averaged"):
+            with averager.averaged():
+                pass
+        with pytest.raises(RuntimeError, match=r"averaged_params\(\) while a CUDA graph"):
+            averager.averaged_params()
+    assert all(torch.equal(p, t) for p, t in zip(model.parameters(), training))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    for averager in (opt, avg):  # nothing was left open
+        with averager.averaged():
+            pass
+        averager.step()
+    assert opt.step_count == avg.step_count == 2
 
 
 def test_closure_loss_is_returned():
