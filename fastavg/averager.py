@@ -266,12 +266,25 @@ class Averager:
         """Every average, its schedule position and spec, as tensors and plain Python values."""
         return state.averager_state(self)
 
+    def check_can_load(self, call: str) -> None:
+        """RuntimeError while a CUDA graph is being captured: ``call`` would set the schedule now
+        and leave the averages' tensors to a replay."""
+        # Captured copies and fills run only on a replay, while t and the counts change on the host
+        # at once: the averages would keep their old values under the new schedule.
+        self._refuse_capture(
+            call,
+            "the averages' tensors would be written only when the graph is replayed, while the schedule "
+            "(t and each average's count) changes at once. Call it outside the capture.",
+        )
+
     def load_state_dict(self, sd: dict) -> None:
         """Inverse of ``state_dict()``; validates everything before changing anything."""
+        self.check_can_load("load_state_dict()")
         state.apply(self, state.validate(self, sd))
 
     def reset(self) -> None:
         """Start every average afresh: ``t = 0``, no snapshots."""
+        self.check_can_load("reset()")
         self._t = 0
         for a in self._averages.values():
             a.n = 0

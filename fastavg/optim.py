@@ -239,6 +239,7 @@ class AveragedOptimizer(torch.optim.Optimizer):
         """Inverse of ``state_dict()``; nothing changes unless everything is valid."""
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        self.averager.check_can_load("load_state_dict()")  # before the inner optimizer loads
         state_dict = state_dict.copy()  # shallow, as torch.optim: a pre-hook may edit its copy
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)

@@ -136,7 +136,7 @@ def test_a_cuda_graph_capture_is_refused_and_the_recipes_the_errors_give_work(cu
     """A captured opt.step() would replay one update and count none: it raises before the inner
     step. The error's recipe (the inner step in the graph, the averager's step after each replay)
     averages what every replay left. averaged() is refused too, and its recipe (the evaluation
-    captured alone, replayed inside averaged()) reads the average."""
+    captured alone, replayed inside averaged()) reads the average; load_state_dict() is refused."""
     model = torch.nn.Linear(16, 4, device="cuda")
     opt = fastavg.wrap(torch.optim.SGD(model.parameters(), lr=0.1), LAWA(window=2, every=1), backend=cuda_backend)
     model(torch.randn(8, 16, device="cuda")).square().mean().backward()
@@ -167,6 +167,11 @@ def test_a_cuda_graph_capture_is_refused_and_the_recipes_the_errors_give_work(cu
     with pytest.raises(RuntimeError, match=r"averaged\(\) while a CUDA graph"):
         with torch.cuda.graph(torch.cuda.CUDAGraph()), opt.averaged():
             pass
+    saved = opt.state_dict()
+    with pytest.raises(RuntimeError, match=r"load_state_dict\(\) while a CUDA graph"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):  # its copies would wait for a replay
+            opt.load_state_dict(saved)
+    assert opt.step_count == 4 and opt.num_averaged() == 2
     stream.wait_stream(torch.cuda.current_stream())
     with torch.no_grad(), torch.cuda.stream(stream):  # warm-up outside the graph, as torch asks
         model(x)

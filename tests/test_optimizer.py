@@ -34,6 +34,17 @@ def _same_params(a, b):
     return all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
 
 
+def _same_state(a, b) -> bool:
+    """Two state dicts equal in structure, plain values and every tensor's values (bit for bit)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_state(x, y) for x, y in zip(a, b))
+    return a == b
+
+
 def test_is_an_optimizer_sharing_the_inner_objects(backend):
     inner = torch.optim.AdamW(_model().parameters(), lr=0.1)
     opt = fastavg.wrap(inner, "ema", backend=backend)
@@ -148,6 +159,48 @@ def test_a_cuda_graph_capture_is_refused_by_step_before_the_inner_step_and_by_av
             pass
         averager.step()
     assert opt.step_count == avg.step_count == 2
+
+
+def test_a_cuda_graph_capture_is_refused_by_load_state_dict_and_reset_before_anything_changes(monkeypatch, backend):
+    # Captured copies and fills would run only on a replay, while t and the counts would change at
+    # once: the averages would keep their values under the loaded (or reset) schedule.
+    model = _model()
+    opt = fastavg.wrap(torch.optim.AdamW(model.parameters(), lr=0.1), LAWA(window=2, every=1), backend=backend)
+    avg = fastavg.Averager(list(model.parameters()), EMA(0.5), backend=backend)
+    for i in range(3):
+        model(_batch(i)).square().mean().backward()
+        opt.step()
+        avg.step()
+        opt.zero_grad()
+    saved_opt, saved_avg = copy.deepcopy(opt.state_dict()), copy.deepcopy(avg.state_dict())
+    model(_batch(3)).square().mean().backward()
+    opt.step()
+    avg.step()
+    before_opt, before_avg = copy.deepcopy(opt.state_dict()), copy.deepcopy(avg.state_dict())
+    for averager in (opt.averager, avg):
+        monkeypatch.setattr(averager, "_on_cuda", True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    calls = [
+        (lambda: opt.load_state_dict(saved_opt), "load_state_dict"),
+        (lambda: opt.load_state_dict({k: v for k, v in saved_opt.items() if k != "fastavg"}), "load_state_dict"),
+        (lambda: avg.load_state_dict(saved_avg), "load_state_dict"),
+        (lambda: opt.averager.load_state_dict(saved_opt["fastavg"]), "load_state_dict"),
+        (opt.averager.reset, "reset"),
+        (avg.reset, "reset"),
+    ]
+    for call, name in calls:
+        with pytest.raises(
+            RuntimeError, match=rf"{name}\(\) while a CUDA graph is being captured.*outside the capture"
+        ):
+            call()
+    # Nothing moved: not the inner optimizer's state, not t, not an average.
+    assert _same_state(opt.state_dict(), before_opt) and _same_state(avg.state_dict(), before_avg)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    opt.load_state_dict(saved_opt)
+    avg.load_state_dict(saved_avg)
+    assert opt.step_count == avg.step_count == 3
+    avg.reset()
+    assert avg.step_count == 0
 
 
 def test_closure_loss_is_returned():
