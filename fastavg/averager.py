@@ -171,17 +171,33 @@ class Averager:
         with torch.no_grad():
             # One op call per group, whatever the number and kinds of due averages.
             for gi, group in enumerate(self._groups):
-                group.backend.call(
-                    "update_",
-                    group.flat_params,
-                    group.table,
-                    [a.buffers[gi] for a in lerped],
-                    weights,
-                    [a.buffers[gi] for a in rings],
-                    slots,
-                )
+                try:
+                    group.backend.call(
+                        "update_",
+                        group.flat_params,
+                        group.table,
+                        [a.buffers[gi] for a in lerped],
+                        weights,
+                        [a.buffers[gi] for a in rings],
+                        slots,
+                    )
+                except Exception as error:
+                    if gi > 0:  # the earlier groups' averages moved: say so rather than let a retry double them
+                        error.add_note(self._partial_update_note(gi, due))
+                    raise
         for a in due:
             a.n += 1
+
+    def _partial_update_note(self, failed: int, due: list[_Average]) -> str:
+        """What an update that raised in group ``failed`` (> 0) left behind, and how to recover."""
+        done = ", ".join(f"{g.device}/{str(g.dtype).removeprefix('torch.')}" for g in self._groups[:failed])
+        group = self._groups[failed]
+        return (
+            f"fastavg: at step {self._t + 1}, {[a.name for a in due]} were already updated in the parameter "
+            f"groups {done} when the group {group.device}/{str(group.dtype).removeprefix('torch.')} raised; "
+            "the step was not counted, so those groups' averages are ahead of the others'. Calling step() "
+            "again would update them twice: load a saved state (load_state_dict) or start afresh (reset())."
+        )
 
     # -- reading the averages ----------------------------------------------------------------
     def _get(self, name: str | None) -> _Average:

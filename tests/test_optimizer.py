@@ -380,6 +380,41 @@ def test_several_due_averages_are_one_op_call_per_group(monkeypatch, backend):
     )  # (params, table, averages, weights, rings, slots)
 
 
+def test_an_update_raising_in_a_later_group_says_the_earlier_groups_moved(monkeypatch, backend):
+    # Group 0 (float32) is updated before group 1 (float64) raises: nothing can undo an EMA's lerp,
+    # so the error says which groups moved and that a retry would update them twice.
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(7)), torch.nn.Parameter(torch.randn(5, dtype=torch.float64))]
+    avg = fastavg.Averager(params, {"e": EMA(0.5), "l": LAWA(2, every=1)}, backend=backend)
+    avg.step()
+    impls = avg._groups[0].backend.impls
+    real = impls["update_"]
+
+    def fails_on_float64(flat_params, *rest):
+        if flat_params[0].dtype == torch.float64:
+            raise RuntimeError("stand-in kernel failure")
+        real(flat_params, *rest)
+
+    monkeypatch.setitem(impls, "update_", fails_on_float64)
+    with torch.no_grad():
+        for p in params:
+            p.add_(1.0)
+    before = avg.averaged_params("e")
+    with pytest.raises(RuntimeError, match="stand-in kernel failure") as raised:
+        avg.step()
+    (note,) = raised.value.__notes__
+    assert "at step 2, ['e', 'l'] were already updated in the parameter groups cpu/float32 when the group" in note
+    assert "cpu/float64 raised" in note and "update them twice" in note and "reset()" in note
+    after = avg.averaged_params("e")
+    assert not torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
+    assert avg.step_count == 1 and avg.num_averaged("e") == 1
+    # The first group raising moved nothing: no note.
+    monkeypatch.setitem(impls, "update_", lambda *args: (_ for _ in ()).throw(RuntimeError("first")))
+    with pytest.raises(RuntimeError, match="first") as raised:
+        avg.step()
+    assert not getattr(raised.value, "__notes__", None)
+
+
 def test_deepcopy_gives_an_independent_working_copy():
     model = _model()
     opt = fastavg.wrap(torch.optim.AdamW(model.parameters(), lr=0.01), {"e": EMA(0.5), "l": LAWA(2, every=1)})
