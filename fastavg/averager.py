@@ -190,11 +190,10 @@ class Averager:
 
     def _partial_update_note(self, failed: int, due: list[_Average]) -> str:
         """What an update that raised in group ``failed`` (> 0) left behind, and how to recover."""
-        done = ", ".join(f"{g.device}/{str(g.dtype).removeprefix('torch.')}" for g in self._groups[:failed])
-        group = self._groups[failed]
+        done = ", ".join(g.label for g in self._groups[:failed])
         return (
             f"fastavg: at step {self._t + 1}, {[a.name for a in due]} were already updated in the parameter "
-            f"groups {done} when the group {group.device}/{str(group.dtype).removeprefix('torch.')} raised; "
+            f"groups {done} when the group {self._groups[failed].label} raised; "
             "the step was not counted, so those groups' averages are ahead of the others'. Calling step() "
             "again would update them twice: load a saved state (load_state_dict) or start afresh (reset())."
         )

@@ -206,6 +206,11 @@ class FlatGroup:
         self.numel = self.offsets[-1]
         self._bind()
 
+    @property
+    def label(self) -> str:
+        """The group's device and dtype as errors name them, e.g. ``cuda:0/bfloat16``."""
+        return f"{self.device}/{str(self.dtype).removeprefix('torch.')}"
+
     def _bind(self) -> None:
         """Views of the parameters, the backend's table of them, and the snapshot that detects their replacement."""
         # Views share the parameters' storage, which also keeps that memory alive: a replaced

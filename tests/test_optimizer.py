@@ -408,8 +408,12 @@ def test_an_update_raising_in_a_later_group_says_the_earlier_groups_moved(monkey
     after = avg.averaged_params("e")
     assert not torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
     assert avg.step_count == 1 and avg.num_averaged("e") == 1
+
     # The first group raising moved nothing: no note.
-    monkeypatch.setitem(impls, "update_", lambda *args: (_ for _ in ()).throw(RuntimeError("first")))
+    def fails_at_once(*args):
+        raise RuntimeError("first")
+
+    monkeypatch.setitem(impls, "update_", fails_at_once)
     with pytest.raises(RuntimeError, match="first") as raised:
         avg.step()
     assert not getattr(raised.value, "__notes__", None)
