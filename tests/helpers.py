@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import torch
 
 import fastavg
@@ -25,6 +27,14 @@ def run(averager: fastavg.Averager, params: list[torch.Tensor], steps: int, seed
             if spec.is_due(averager.step_count):
                 snapshots[name].append([p.detach().clone() for p in params])
     return snapshots
+
+
+def roundtrip(obj):
+    """``obj`` through ``torch.save`` and ``torch.load(..., weights_only=True)``, as a checkpoint file takes it."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
 
 
 def torch_version() -> tuple[int, int]:

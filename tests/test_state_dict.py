@@ -1,7 +1,6 @@
 """state_dict() / load_state_dict(): round trips, bit-exact resume, validation before any change."""
 
 import copy
-import io
 import subprocess
 import sys
 import textwrap
@@ -9,6 +8,7 @@ import textwrap
 import pytest
 import torch
 from conftest import CPU_BACKENDS
+from helpers import roundtrip
 
 import fastavg
 from fastavg import EMA, LAWA, SWA
@@ -32,13 +32,6 @@ def _train(model, opt, first, last):
         opt.zero_grad()
 
 
-def _roundtrip(sd):
-    buf = io.BytesIO()
-    torch.save(sd, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
-
-
 def _snapshot(model, opt):
     return [p.detach().clone() for p in model.parameters()], {n: opt.averaged_params(n) for n in opt.names}
 
@@ -58,7 +51,7 @@ def test_resume_is_bit_exact(backend):
 
     model, opt = _setup(backend)
     _train(model, opt, 0, 9)
-    checkpoint = _roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})
+    checkpoint = roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})
     model2, opt2 = _setup(backend, seed=123)  # fresh objects, other initial values
     model2.load_state_dict(checkpoint["model"])
     opt2.load_state_dict(checkpoint["opt"])
@@ -72,7 +65,7 @@ def test_resume_is_bit_exact(backend):
 def test_state_saved_with_one_backend_loads_into_another(save_backend, backend):
     model, opt = _setup(save_backend)
     _train(model, opt, 0, 9)
-    checkpoint = _roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})
+    checkpoint = roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})
     model2, opt2 = _setup(backend, seed=123)
     model2.load_state_dict(checkpoint["model"])
     opt2.load_state_dict(checkpoint["opt"])
@@ -148,7 +141,7 @@ def test_mismatch_raises_and_leaves_everything_unchanged(other, message):
     _train(model, opt, 0, 6)
     other_model, other_opt = other()
     _train(other_model, other_opt, 0, 3)
-    sd = _roundtrip(other_opt.state_dict())
+    sd = roundtrip(other_opt.state_dict())
 
     def load():
         with pytest.raises(ValueError, match=message):
@@ -243,10 +236,7 @@ def test_numpy_hyper_parameters_leave_a_state_dict_torch_load_reads_with_weights
     decays = np.linspace(0.9, 0.99, 3)  # float64 scalars: a subclass of float, and still NumPy's
     model, opt = _setup(specs={"ema": EMA(decays[1]), "lawa": LAWA(np.int64(2), every=np.int64(1))})
     _train(model, opt, 0, 3)
-    buffer = io.BytesIO()
-    torch.save(opt.state_dict(), buffer)
-    buffer.seek(0)
-    sd = torch.load(buffer, weights_only=True)
+    sd = roundtrip(opt.state_dict())
     assert type(sd["fastavg"]["averages"]["ema"]["spec"]["decay"]) is float
     opt.load_state_dict(sd)
 
@@ -254,7 +244,7 @@ def test_numpy_hyper_parameters_leave_a_state_dict_torch_load_reads_with_weights
 def test_other_hyper_parameters_warn_and_own_specs_apply():
     model, opt = _setup()
     _train(model, opt, 0, 6)
-    sd = _roundtrip(opt.state_dict())
+    sd = roundtrip(opt.state_dict())
     mine = {"ema": EMA(0.5), "swa": SWA(start=2, every=3), "lawa": LAWA(window=3, every=5)}
     model2, opt2 = _setup(specs=mine)
     with pytest.warns(UserWarning, match="decay"):
@@ -348,7 +338,7 @@ def test_averager_state_dict_round_trip(backend):
             for p in params:
                 p.add_(torch.randn_like(p))
         avg.step()
-    sd = _roundtrip(avg.state_dict())
+    sd = roundtrip(avg.state_dict())
     fresh = fastavg.Averager(params, SPECS, backend=backend)
     fresh.load_state_dict(sd)
     assert fresh.step_count == 7
@@ -362,14 +352,14 @@ def test_averager_state_dict_round_trip(backend):
 def test_state_dict_moves_between_cuda_and_cpu():
     model, opt = _setup()
     _train(model, opt, 0, 6)
-    sd = _roundtrip(opt.state_dict())
+    sd = roundtrip(opt.state_dict())
     model_gpu = copy.deepcopy(model).cuda()
     opt_gpu = fastavg.wrap(torch.optim.AdamW(model_gpu.parameters(), lr=0.05), SPECS)
     opt_gpu.load_state_dict(sd)
     for name in SPECS:
         for a, b in zip(opt_gpu.averaged_params(name), opt.averaged_params(name)):
             assert a.is_cuda and torch.equal(a.cpu(), b)
-    back = _roundtrip(opt_gpu.state_dict())
+    back = roundtrip(opt_gpu.state_dict())
     model3, opt3 = _setup()
     opt3.load_state_dict(back)
     for name in SPECS:
