@@ -150,28 +150,50 @@ def test_mismatch_raises_and_leaves_everything_unchanged(other, message):
     _unchanged(model, opt, load)
 
 
-def test_bad_version_and_corrupt_entries_raise_before_change():
+def test_bad_version_and_corrupt_entries_raise_before_change_naming_what_is_wrong():
     model, opt = _setup()
     _train(model, opt, 0, 4)
-    for corrupt in (
-        lambda sd: sd["fastavg"].update(version=99),
-        lambda sd: sd["fastavg"].update(step=-1),
-        lambda sd: sd["fastavg"]["averages"]["ema"].update(n="3"),
-        lambda sd: sd["fastavg"]["averages"]["lawa"].update(ring_pos=7),
-        lambda sd: sd["fastavg"]["averages"]["swa"]["tensors"].pop(),
-        lambda sd: sd["fastavg"]["averages"]["swa"]["tensors"].__setitem__(0, torch.zeros(1)),
+    for corrupt, message in (
+        (lambda sd: sd["fastavg"].update(version=99), "format version 99 is not supported"),
+        # An averager's own state dict with no version is an old or foreign file, not a wrapper's.
+        (lambda sd: sd["fastavg"].pop("version"), "format version None is not supported"),
+        (lambda sd: sd["fastavg"].update(step=-1), "'step' must be an int >= 0, got -1"),
+        (lambda sd: sd["fastavg"]["params"].pop(), "it holds 3 parameters, this optimizer has 4"),
+        (lambda sd: sd["fastavg"].update(params=None), "it holds None parameters"),
+        (lambda sd: sd["fastavg"]["params"][1].update(shape=[5]), r"'param 1' has shape \[6\] here but \[5\]"),
+        (lambda sd: sd["fastavg"]["params"].__setitem__(2, "junk"), r"'param 2' has shape \[2, 6\] here but junk"),
+        (lambda sd: sd["fastavg"]["averages"]["ema"].update(n="3"), "'ema': 'n' must be an int >= 0, got '3'"),
+        (lambda sd: sd["fastavg"]["averages"]["lawa"].update(ring_pos=7), "'lawa': ring position 7 does not match n=2"),
+        (lambda sd: sd["fastavg"]["averages"]["swa"]["tensors"].pop(), "'swa' holds 3 tensors, expected 4"),
+        (
+            lambda sd: sd["fastavg"]["averages"]["swa"]["tensors"].__setitem__(0, torch.zeros(1)),
+            r"'swa', parameter 'param 0': expected a floating tensor of shape \[6, 4\], got \[1\]",
+        ),
         # torch.load(..., map_location="meta"): every check of shape and dtype passes, no values.
         # The last tensor of the last average: apply() would have copied every other one first.
-        lambda sd: sd["fastavg"]["averages"]["lawa"]["tensors"].__setitem__(-1, torch.empty(3, 2, device="meta")),
+        (
+            lambda sd: sd["fastavg"]["averages"]["lawa"]["tensors"].__setitem__(-1, torch.empty(3, 2, device="meta")),
+            "'lawa', parameter 'param 3': the tensor is on the meta device",
+        ),
     ):
         sd = copy.deepcopy(opt.state_dict())
         corrupt(sd)
 
-        def load(sd=sd):
-            with pytest.raises(ValueError):
+        def load(sd=sd, message=message):
+            with pytest.raises(ValueError, match=message):
                 opt.load_state_dict(sd)
 
         _unchanged(model, opt, load)
+
+
+def test_a_state_dict_saved_before_the_first_step_loads():
+    model, opt = _setup()
+    sd = roundtrip(opt.state_dict())
+    assert sd["fastavg"]["step"] == 0 and all(a["n"] == 0 for a in sd["fastavg"]["averages"].values())
+    model2, opt2 = _setup(seed=1)
+    _train(model2, opt2, 0, 5)
+    opt2.load_state_dict(sd)
+    assert opt2.step_count == 0 and all(opt2.num_averaged(n) == 0 for n in opt2.names)
 
 
 def test_the_wrappers_and_the_averagers_state_dicts_swapped_are_refused_saying_which_is_which():
