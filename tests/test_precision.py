@@ -142,6 +142,8 @@ def test_default_and_wide_average_dtypes_do_not_warn():
         warnings.simplefilter("error")
         fastavg.Averager(make_params([(3,)], torch.bfloat16), {"ema": EMA(0.9999), "swa": SWA()})
         fastavg.Averager(make_params([(3,)], torch.float32), {"ema": EMA(0.9999), "swa": SWA()}, dtype=torch.float64)
+        # float32 named outright is the default's own dtype: its epsilon is the limit, not past it.
+        fastavg.Averager(make_params([(3,)], torch.bfloat16), {"ema": EMA(0.9999), "swa": SWA()}, dtype=torch.float32)
 
 
 def _random_walk(numel: int, steps: int, seed: int = 0):

@@ -269,8 +269,11 @@ def test_other_hyper_parameters_warn_and_own_specs_apply():
     sd = roundtrip(opt.state_dict())
     mine = {"ema": EMA(0.5), "swa": SWA(start=2, every=3), "lawa": LAWA(window=3, every=5)}
     model2, opt2 = _setup(specs=mine)
-    with pytest.warns(UserWarning, match="decay"):
+    with pytest.warns(UserWarning, match="decay") as caught:
         opt2.load_state_dict(sd)
+    with pytest.warns(UserWarning, match="decay") as caught_apart:
+        _setup(specs=mine)[1].averager.load_state_dict(sd["fastavg"])
+    assert [w.filename for w in (*caught, *caught_apart)] == [__file__] * 2  # the caller's line, either way
     assert opt2.averager.specs == mine
     assert opt2.step_count == 6
     assert all(torch.equal(a, b) for a, b in zip(opt2.averaged_params("swa"), opt.averaged_params("swa")))
