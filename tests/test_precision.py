@@ -29,6 +29,17 @@ def test_default_average_dtype(param_dtype, expected, backend):
     assert avg.averaged_params()[0].dtype == expected
 
 
+def test_memory_is_one_element_per_weight_per_average_and_window_elements_for_lawa(backend):
+    # README's memory line: EMA and SWA hold one element of the averages' dtype per weight; LAWA
+    # `window` elements of the weights' dtype, each group's row padded to a multiple of 8 elements
+    # (16-byte aligned slots). Nothing else stays allocated.
+    params = make_params([(7, 3), (4098,)], torch.bfloat16) + make_params([(5,)], torch.float64)
+    avg = fastavg.Averager(params, {"e": EMA(0.9), "s": SWA(), "l": LAWA(3, every=1)}, backend=backend)
+    held = {name: sum(b.untyped_storage().nbytes() for b in a.buffers) for name, a in avg._averages.items()}
+    assert held["e"] == held["s"] == (21 + 4098) * 4 + 5 * 8
+    assert held["l"] == 3 * (4120 * 2 + 8 * 8)  # rows of 4119 and 5 elements, rounded up to 8
+
+
 def test_dtype_may_be_wider():
     avg = fastavg.Averager(make_params([(3,)], torch.bfloat16), "swa", dtype=torch.float64)
     avg.step()
@@ -123,6 +134,7 @@ def test_a_chosen_16_bit_dtype_warns_for_ema_and_swa_whose_updates_round_away(dt
     assert f"average 'ema' is kept in {dtype}" in messages[0]
     assert f"weights within {half_step / 0.001:.0%} of the average" in messages[0]
     assert f"average 'swa' is kept in {dtype}" in messages[1] and f"n x {half_step:.2%}" in messages[1]
+    assert f"({100 * half_step:.0%} at n = 100)" in messages[1]
     assert "average 'swa'" in messages[2] and "dtype=None keeps float32 averages" in messages[2]
     for _ in range(200):
         avg.step()

@@ -355,6 +355,17 @@ def test_the_step_dcp_calls_to_make_optimizer_state_is_no_training_step(momentum
     assert opt2.step_count == 0
 
 
+def test_a_users_function_named_like_dcps_state_maker_still_counts_its_steps():
+    # Only DCP's own _init_optim_state (its module, its name) is no training step.
+    model, opt = _setup_sgd(0.0)
+
+    def _init_optim_state():
+        _train(model, opt, 0, 2)
+
+    _init_optim_state()
+    assert opt.step_count == 2 and opt.num_averaged("ema") == 2
+
+
 def test_averager_state_dict_round_trip(backend):
     params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(5, dtype=torch.float64))]
     avg = fastavg.Averager(params, SPECS, backend=backend)
