@@ -292,10 +292,11 @@ def test_step_hooks_run_as_torch_optim_runs_them():
     assert log[-1][2:] == (1, ["closure"])  # the hooks after the swap see the new arguments
 
 
-def test_a_step_pre_hook_returning_something_else_raises_before_any_step():
+@pytest.mark.parametrize("returned", ["not a tuple", ((), {}, "a third item")], ids=["str", "3-tuple"])
+def test_a_step_pre_hook_returning_something_else_raises_before_any_step(returned):
     model = _model()
     opt = fastavg.wrap(torch.optim.SGD(model.parameters(), lr=0.1))
-    opt.register_step_pre_hook(lambda o, args, kwargs: "not a tuple")
+    opt.register_step_pre_hook(lambda o, args, kwargs: returned)
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(RuntimeError, match="must return None or a tuple"):
         opt.step()

@@ -285,8 +285,9 @@ def test_plain_optimizer_state_dict_loads_with_warning():
     plain = opt.optimizer.state_dict()
     model2, opt2 = _setup()
     _train(model2, opt2, 0, 3)
-    with pytest.warns(UserWarning, match="afresh"):
+    with pytest.warns(UserWarning, match="afresh") as caught:
         opt2.load_state_dict(plain)
+    assert caught[0].filename == __file__
     assert opt2.step_count == 0 and all(opt2.num_averaged(n) == 0 for n in opt2.names)
     assert str(opt2.optimizer.state_dict()["state"]) == str(plain["state"])
 
