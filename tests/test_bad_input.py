@@ -30,7 +30,7 @@ def test_meta_parameter_raises_value_error_naming_it():
         fastavg.Averager(model.named_parameters(), "ema")
 
 
-@pytest.mark.parametrize("second", ["same tensor", "overlapping view", "another dtype's view"])
+@pytest.mark.parametrize("second", ["same tensor", "overlapping view", "one element inside", "another dtype's view"])
 def test_parameters_sharing_memory_raise_value_error_naming_both(second):
     # Swapping an average into one would change the other, whose backup then holds the average:
     # the training values could not come back bit for bit.
@@ -38,6 +38,7 @@ def test_parameters_sharing_memory_raise_value_error_naming_both(second):
     other = {
         "same tensor": lambda: base,
         "overlapping view": lambda: base[8:24],
+        "one element inside": lambda: base[5:6],
         "another dtype's view": lambda: base[60:].view(torch.bfloat16),
     }[second]()
     params = [("a", torch.nn.Parameter(base)), ("apart", torch.randn(5)), ("b", torch.nn.Parameter(other))]
@@ -47,11 +48,11 @@ def test_parameters_sharing_memory_raise_value_error_naming_both(second):
 
 def test_parameters_side_by_side_in_one_buffer_are_accepted():
     # Views of one buffer that do not overlap (contiguous parameter buffers, as Megatron's) are fine,
-    # and so are empty parameters at the same address as another.
+    # and so are empty parameters at the same address as another, or inside one: they hold nothing.
     base = torch.randn(64)
-    avg = fastavg.Averager([base[:10], base[10:64], base[10:10]], "ema")
+    avg = fastavg.Averager([base[:10], base[10:64], base[10:10], base[30:30]], "ema")
     avg.step()
-    assert [t.shape for t in avg.averaged_params()] == [(10,), (54,), (0,)]
+    assert [t.shape for t in avg.averaged_params()] == [(10,), (54,), (0,), (0,)]
 
 
 @pytest.mark.parametrize(
