@@ -61,6 +61,19 @@ def test_before_first_due_step_parameters_are_left_as_they_are(backend):
         assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
 
 
+@pytest.mark.parametrize("name", ["ema", "swa", "lawa"])
+def test_after_one_due_step_the_block_holds_that_snapshot(name, backend):
+    # Due at step 3 only, then trained on: the one snapshot, not the weights of step 5, is swapped in.
+    specs = {"ema": EMA(0.9, every=3), "swa": SWA(every=3), "lawa": LAWA(2, every=3)}
+    model, opt = _wrapped(backend, {name: specs[name]})
+    _train(model, opt, 3)
+    snapshot = [p.detach().clone() for p in model.parameters()]
+    _train(model, opt, 2)
+    assert opt.num_averaged(name) == 1
+    with opt.averaged(name):
+        assert all(torch.equal(p.detach(), s) for p, s in zip(model.parameters(), snapshot))
+
+
 def test_step_inside_block_raises_and_changes_nothing(backend):
     model, opt = _wrapped(backend, "ema")
     _train(model, opt, 2)
