@@ -38,3 +38,10 @@ def test_a_chunk_that_would_break_vector_rows_is_refused(chunk):
 
 def test_no_parameters_give_an_empty_table():
     assert build_table([]).shape == (0, 4)
+
+
+def test_one_parameter_gives_its_rows_on_its_device():
+    p = torch.zeros(CHUNK + 5, dtype=torch.float16)
+    table = build_table([p])
+    assert table.device == p.device
+    assert table.tolist() == [[p.data_ptr(), 0, CHUNK, 1], [p.data_ptr() + 2 * CHUNK, CHUNK, 5, 1]]
