@@ -127,6 +127,25 @@ def test_update_with_many_averages_and_rings(target):
     assert all(torch.equal(r[s], torch.cat(params)) for r, s in zip(rings, [1, 0, 1]))
 
 
+def test_update_launches_split_averages_and_ring_slots_in_order_within_each_launchs_limits():
+    # The Triton and CUDA kernels take at most 4 averages and 2 ring slots a launch (the CPU backends
+    # take any number); checked here on the host for every count up to two and a half launches.
+    for n_averages in range(11):
+        for n_rings in range(6):
+            averages = [torch.full((3,), float(i)) for i in range(n_averages)]
+            weights = [i / 16 for i in range(n_averages)]
+            rings = [torch.arange(6.0).reshape(2, 3) + 10 * i for i in range(n_rings)]
+            slots = [i % 2 for i in range(n_rings)]
+            launches = ops.update_launches(averages, weights, rings, slots, 4, 2)
+            assert len(launches) == max(-(-n_averages // 4), -(-n_rings // 2)), (n_averages, n_rings)
+            assert all(len(a) == len(w) <= 4 and len(r) <= 2 and (a or r) for a, w, r in launches)
+            assert [id(a) for launch in launches for a in launch[0]] == list(map(id, averages))
+            assert [w for launch in launches for w in launch[1]] == weights
+            views = [v for launch in launches for v in launch[2]]
+            assert len(views) == n_rings
+            assert all(v.data_ptr() == r[s].data_ptr() and torch.equal(v, r[s]) for v, r, s in zip(views, rings, slots))
+
+
 def test_update_with_only_rings_or_only_averages(target):
     backend, dev = target
     params = _params([5, 3], torch.bfloat16, dev)
