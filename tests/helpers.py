@@ -37,6 +37,17 @@ def roundtrip(obj):
     return torch.load(buffer, weights_only=True)
 
 
+def same_state(a, b) -> bool:
+    """Two state dicts equal in structure, plain values and every tensor's values (bit for bit)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b))
+    return a == b
+
+
 def torch_version() -> tuple[int, int]:
     """The installed torch's (major, minor), for checks that differ across the supported range."""
     major, minor = torch.__version__.split(".")[:2]

@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import same_state
 
 import fastavg
 from fastavg import EMA, LAWA, SWA
@@ -32,17 +33,6 @@ def _pair(make_opt, averaging="ema", **kw):
 
 def _same_params(a, b):
     return all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
-
-
-def _same_state(a, b) -> bool:
-    """Two state dicts equal in structure, plain values and every tensor's values (bit for bit)."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same_state(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same_state(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 def test_is_an_optimizer_sharing_the_inner_objects(backend):
@@ -194,7 +184,7 @@ def test_a_cuda_graph_capture_is_refused_by_load_state_dict_and_reset_before_any
         ):
             call()
     # Nothing moved: not the inner optimizer's state, not t, not an average.
-    assert _same_state(opt.state_dict(), before_opt) and _same_state(avg.state_dict(), before_avg)
+    assert same_state(opt.state_dict(), before_opt) and same_state(avg.state_dict(), before_avg)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     opt.load_state_dict(saved_opt)
     avg.load_state_dict(saved_avg)
