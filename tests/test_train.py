@@ -1,6 +1,7 @@
 """fastavg-train: presets, the data pipeline, a tiny run end to end, resume, DDP, bad options."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -116,8 +117,27 @@ def test_tiny_run_end_to_end(tmp_path, text_file, capsys):
     assert raw.keys() == lawa.keys() and not all(torch.equal(raw[k], lawa[k]) for k in raw)
     for weights in (raw, lawa):  # the tied embedding is saved once, in each file alike
         assert weights["lm_head.weight"].data_ptr() == weights["wte.weight"].data_ptr()
+    # The weights saved for each average are the ones its last validation loss was measured on.
+    assert _saved_weights_losses(out, text_file, tmp_path / "cache", 2) == pytest.approx(
+        records[-1]["val_loss"], rel=1e-6
+    )
     printed = capsys.readouterr().out
+    assert printed.startswith("fastavg-train: nano (") and " on cpu x1, " in printed.splitlines()[0]
     assert "validation loss" in printed and "lowest validation loss" in printed
+
+
+def _saved_weights_losses(out, text_file, cache, n_batches, names=("raw", "ema", "swa", "lawa")):
+    """The mean validation loss of each saved model_<name>.pt over the run's own held-out batches
+    (batch 4, context 32), worked out here in one process, without the trainer's evaluate()."""
+    corpus = data.load_corpus(text_file, str(cache))
+    batches = [data.get_batch(corpus.val, 4, 32, torch.Generator().manual_seed(10_000 + i)) for i in range(n_batches)]
+    model = GPT(config_for("nano", data.BYTE_VOCAB, 32)).eval()
+    losses = {}
+    for name in names:
+        model.load_state_dict(torch.load(out / f"model_{name}.pt"))
+        with torch.no_grad():
+            losses[name] = sum(model(x, y)[1].item() for x, y in batches) / n_batches
+    return losses
 
 
 class _Interrupt(Exception):
@@ -130,6 +150,19 @@ def test_final_line_names_the_winner_and_its_margin():
     line = report.final_line({"raw": 2.8239, "ema": 3.2473, "lawa": 2.9445})
     assert line == "lowest validation loss 2.8239 by raw; the nearest average, lawa, 2.9445"
     assert report.final_line({"raw": 2.5}) == "lowest validation loss 2.5000 by raw"
+
+
+def test_gradient_accumulation_matches_one_larger_batch(tmp_path, text_file):
+    # Two micro-batches of 4 draw the same windows as one batch of 8 (one generator, drawn in
+    # order), so the two runs differ only by rounding: the micro-batch losses are averaged, not
+    # summed, and every token counts.
+    one = loop.train(_args(tmp_path / "one", text_file, "--steps", "10", "--batch-size", "8"))
+    two = loop.train(_args(tmp_path / "two", text_file, "--steps", "10", "--grad-accum", "2"))
+    assert two["tokens"] == one["tokens"] == 10 * 8 * 32
+    assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-4)
+    # (Their own validation batches differ in size: the same held-out batches judge both.)
+    losses = [_saved_weights_losses(tmp_path / run / "run", text_file, tmp_path / "cache", 2) for run in ("one", "two")]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
 
 
 def test_resume_after_an_interruption_is_bit_exact(tmp_path, text_file, monkeypatch):
@@ -199,6 +232,9 @@ def test_two_process_ddp_run(tmp_path, text_file):
     assert result.stdout.count("fastavg-train:") == 1
     records = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [5, 10] and records[-1]["tokens"] == 10 * 4 * 32 * 2
+    # Each rank evaluated half the held-out batches; the all-reduced mean is that of all four.
+    losses = _saved_weights_losses(tmp_path / "ddp", text_file, tmp_path / "cache", 4)
+    assert losses == pytest.approx(records[-1]["val_loss"], rel=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -325,9 +361,10 @@ def test_a_cuda_device_torch_does_not_see_is_refused_by_name(monkeypatch):
     with pytest.raises(SystemExit, match="--device cuda:3 but torch sees no CUDA device"):
         loop._setup_distributed(args)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    with pytest.raises(SystemExit, match=r"--device cuda:3 but torch sees 1 CUDA device\(s\)"):
-        loop._setup_distributed(args)
+    for count in (1, 3):  # cuda:3 is the fourth device
+        monkeypatch.setattr(torch.cuda, "device_count", lambda count=count: count)
+        with pytest.raises(SystemExit, match=rf"--device cuda:3 but torch sees {count} CUDA device\(s\)"):
+            loop._setup_distributed(args)
     # One process on cuda:3: it becomes the current device, as each rank's does under torchrun.
     chosen = []
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
@@ -384,3 +421,7 @@ def test_learning_rate_schedule():
     assert all(a <= b for a, b in zip(lrs[:100], lrs[1:100]))  # warm-up rises
     assert all(a >= b for a, b in zip(lrs[100:], lrs[101:]))  # cosine falls
     assert loop.lr_at(1000, args) == pytest.approx(1e-3)
+    # The cosine starts at the peak right after warm-up, is halfway down halfway through the decay
+    # and a quarter of the way down a quarter of the way through (peak 1e-2, floor 1e-3).
+    assert lrs[100] == pytest.approx(1e-2) and lrs[550] == pytest.approx(1e-3 + 0.5 * 9e-3)
+    assert lrs[325] == pytest.approx(1e-3 + 0.5 * (1 + math.cos(math.pi / 4)) * 9e-3)
