@@ -30,6 +30,20 @@ def _args(tmp_path, text_file, *extra):
                            "--eval-batches", "2", "--warmup", "5", "--no-progress", *extra])  # fmt: skip
 
 
+def _saved_weights_losses(out, text_file, cache, n_batches, names=("raw", "ema", "swa", "lawa")):
+    """The mean validation loss of each saved model_<name>.pt over the run's own held-out batches
+    (batch 4, context 32), worked out here in one process, without the trainer's evaluate()."""
+    corpus = data.load_corpus(text_file, str(cache))
+    batches = [data.get_batch(corpus.val, 4, 32, torch.Generator().manual_seed(10_000 + i)) for i in range(n_batches)]
+    model = GPT(config_for("nano", data.BYTE_VOCAB, 32)).eval()
+    losses = {}
+    for name in names:
+        model.load_state_dict(torch.load(out / f"model_{name}.pt"))
+        with torch.no_grad():
+            losses[name] = sum(model(x, y)[1].item() for x, y in batches) / n_batches
+    return losses
+
+
 @pytest.mark.parametrize("preset, expected", [("gpt2", 124e6), ("gpt2-medium", 355e6), ("gpt2-large", 774e6)], ids=str)
 def test_gpt2_parameter_counts(preset, expected):
     with torch.device("meta"):
@@ -124,20 +138,6 @@ def test_tiny_run_end_to_end(tmp_path, text_file, capsys):
     printed = capsys.readouterr().out
     assert printed.startswith("fastavg-train: nano (") and " on cpu x1, " in printed.splitlines()[0]
     assert "validation loss" in printed and "lowest validation loss" in printed
-
-
-def _saved_weights_losses(out, text_file, cache, n_batches, names=("raw", "ema", "swa", "lawa")):
-    """The mean validation loss of each saved model_<name>.pt over the run's own held-out batches
-    (batch 4, context 32), worked out here in one process, without the trainer's evaluate()."""
-    corpus = data.load_corpus(text_file, str(cache))
-    batches = [data.get_batch(corpus.val, 4, 32, torch.Generator().manual_seed(10_000 + i)) for i in range(n_batches)]
-    model = GPT(config_for("nano", data.BYTE_VOCAB, 32)).eval()
-    losses = {}
-    for name in names:
-        model.load_state_dict(torch.load(out / f"model_{name}.pt"))
-        with torch.no_grad():
-            losses[name] = sum(model(x, y)[1].item() for x, y in batches) / n_batches
-    return losses
 
 
 class _Interrupt(Exception):
