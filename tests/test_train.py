@@ -62,6 +62,27 @@ def test_nano_is_small_and_weight_decay_only_on_matrices():
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
 
 
+def test_the_model_is_causal_and_initialised_as_gpt2():
+    torch.manual_seed(0)
+    model = GPT(config_for("nano", 256)).eval()  # 4 layers, context 128
+    idx = torch.randint(256, (2, 16))
+    changed = idx.clone()
+    changed[:, 9:] = (changed[:, 9:] + 1) % 256  # new tokens from position 9 on
+    with torch.no_grad():
+        before, after = model(idx)[0], model(changed)[0]
+    assert torch.equal(before[:, :9], after[:, :9])  # no position sees a later token
+    assert not torch.allclose(before[:, 9:], after[:, 9:])
+    with pytest.raises(ValueError, match=r"sequence of 129 tokens is longer than the context \(128\)"):
+        model(torch.zeros(1, 129, dtype=torch.int64))
+    # GPT-2's init: N(0, 0.02), the residual projections scaled by 1/sqrt(2 * layers); LayerNorm at 1.
+    for name, p in model.named_parameters():
+        expected = 0.02 / math.sqrt(2 * 4) if name.endswith("c_proj.weight") else 0.02
+        if p.dim() == 1:
+            assert torch.equal(p, torch.ones_like(p)), name
+        else:
+            assert p.std().item() == pytest.approx(expected, rel=0.05) and abs(p.mean().item()) < 1e-3, name
+
+
 def test_default_corpus_is_the_standard_library(tmp_path):
     corpus = data.load_corpus(None, str(tmp_path))
     assert corpus.vocab_size == 256 and "standard library" in corpus.description
