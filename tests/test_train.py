@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastavg.train import cli, data, loop, report
+from fastavg.train import cli, data, loop, progress, report
 from fastavg.train.model import GPT, config_for
 
 TEXT = ("def f(x):\n    return x * 2  # a line of python\n" * 400).encode()
@@ -159,6 +159,51 @@ def test_tiny_run_end_to_end(tmp_path, text_file, capsys):
     printed = capsys.readouterr().out
     assert printed.startswith("fastavg-train: nano (") and " on cpu x1, " in printed.splitlines()[0]
     assert "validation loss" in printed and "lowest validation loss" in printed
+
+
+def test_progress_lines(monkeypatch, capsys):
+    now = [1000.0]
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: now[0])
+    bar = progress.Progress(100, 20, 1000)  # resumed at step 20; stderr is not a terminal here
+    for t, step in ((1010, 21), (1020, 22), (1040, 50), (1046, 100)):
+        now[0] = t
+        bar.update(step, 2.5)
+    bar.note("an evaluation")
+    bar.close()
+    out, err = capsys.readouterr()
+    assert out == "an evaluation\n"
+    assert err.splitlines() == [  # in a log: the first line, then one 30 s on or more, and the last
+        "[#####...................] 21/100 loss 2.5000 100 tok/s ETA 0:13:10",
+        "[############............] 50/100 loss 2.5000 750 tok/s ETA 0:01:06",
+        "[########################] 100/100 loss 2.5000 1,739 tok/s ETA 0:00:00",
+    ]
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    now[0] = 2000.0
+    bar = progress.Progress(10_000, 0, 1)
+    for t, step in ((2000, 0), (2001, 1)):  # on a terminal: every step, redrawn in place
+        now[0] = t
+        bar.update(step, 1.0)
+    bar.note("an evaluation")
+    bar.close()
+    out, err = capsys.readouterr()
+    assert out == "an evaluation\n"
+    assert err == ("\r[........................] 0/10000 loss 1.0000 0 tok/s ETA ?"
+                   "\r[........................] 1/10000 loss 1.0000 1 tok/s ETA 2:46:39\r\033[K\n")  # fmt: skip
+    quiet = progress.Progress(10, 0, 1, enabled=False)
+    quiet.update(10, 1.0)
+    quiet.note("an evaluation")
+    quiet.close()
+    assert capsys.readouterr() == ("an evaluation\n", "")
+
+
+def test_the_trainer_shows_progress_unless_told_not_to(tmp_path, text_file, capsys):
+    loop.train(_args(tmp_path, text_file, "--steps", "5"))
+    assert capsys.readouterr().err == ""
+    args = _args(tmp_path, text_file, "--steps", "5", "--overwrite")
+    args.no_progress = False
+    loop.train(args)
+    lines = capsys.readouterr().err.splitlines()  # the first step and the last
+    assert [line.split(" loss ")[0] for line in lines] == ["[####....................] 1/5", "[" + "#" * 24 + "] 5/5"]
 
 
 class _Interrupt(Exception):
