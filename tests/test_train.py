@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import fastavg
 from fastavg.train import cli, data, loop, progress, report
 from fastavg.train.model import GPT, config_for
 
@@ -216,6 +217,51 @@ def test_final_line_names_the_winner_and_its_margin():
     line = report.final_line({"raw": 2.8239, "ema": 3.2473, "lawa": 2.9445})
     assert line == "lowest validation loss 2.8239 by raw; the nearest average, lawa, 2.9445"
     assert report.final_line({"raw": 2.5}) == "lowest validation loss 2.5000 by raw"
+
+
+def test_eval_line_and_summary_table():
+    first = {"raw": 2.9, "ema": None, "swa": 2.8, "lawa": 2.8}
+    last = {"raw": 2.5, "ema": 2.6, "swa": 2.55, "lawa": 2.45}
+    records = [
+        {"step": 10, "tokens": 2560, "train_loss": 2.5, "val_loss": first},
+        {"step": 1000, "tokens": 2_560_000, "train_loss": 2.0, "val_loss": last},
+    ]
+    assert report.eval_line(records[0]) == "step     10  train 2.5000  val: raw 2.9000  ema -  swa 2.8000  lawa 2.8000"
+    assert report.summary_table(records).splitlines() == [
+        "   step       tokens       raw       ema       swa      lawa",
+        "-" * 61,
+        "     10        2,560   2.9000          -   2.8000*   2.8000*",  # a tie: both marked
+        "   1000    2,560,000   2.5000    2.6000    2.5500    2.4500*",
+    ]
+
+
+def test_remove_outputs_leaves_the_metrics_and_what_is_not_the_runs(tmp_path):
+    names = ["ckpt.pt", "val_loss.png", "model_raw.pt", "model_ema.pt", "model_swa.pt", "model_lawa.pt"]
+    for name in [*names, "metrics.jsonl", "notes.txt"]:
+        (tmp_path / name).write_text(name)
+    report.remove_outputs(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "notes.txt"]
+    report.remove_outputs(str(tmp_path))  # nothing left to remove is no error
+
+
+def test_ranks_whose_averages_differ_are_refused(monkeypatch, capsys):
+    opt = fastavg.wrap(torch.optim.SGD(torch.nn.Linear(3, 2).parameters(), lr=0.1), {"ema": fastavg.EMA(decay=0.9)})
+    opt.step()
+    mine = [float(t.double().sum()) + float(t.double().abs().sum()) for t in opt.averaged_params("ema")]
+
+    def gather_from_two_ranks(out, obj, other=None):
+        assert obj == mine
+        out[:] = [obj, obj if other is None else other]
+
+    monkeypatch.setattr(report.dist, "all_gather_object", gather_from_two_ranks)
+    report.check_identical_averages(opt, 2, 0)
+    assert capsys.readouterr().out == "averages identical on all 2 ranks\n"
+    report.check_identical_averages(opt, 2, 1)  # only rank 0 says so
+    assert capsys.readouterr().out == ""
+    other = [mine[0] + 1e-9, *mine[1:]]
+    monkeypatch.setattr(report.dist, "all_gather_object", lambda out, obj: gather_from_two_ranks(out, obj, other))
+    with pytest.raises(RuntimeError, match="the averages differ between ranks"):
+        report.check_identical_averages(opt, 2, 0)
 
 
 def test_gradient_accumulation_matches_one_larger_batch(tmp_path, text_file):
