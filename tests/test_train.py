@@ -158,7 +158,7 @@ def test_tiny_run_end_to_end(tmp_path, text_file, capsys):
         records[-1]["val_loss"], rel=1e-6
     )
     printed = capsys.readouterr().out
-    assert printed.startswith("fastavg-train: nano (") and " on cpu x1, " in printed.splitlines()[0]
+    assert printed.startswith("fastavg-train: nano (0.82M parameters) on cpu x1, ")
     assert "validation loss" in printed and "lowest validation loss" in printed
 
 
