@@ -101,9 +101,14 @@ def test_text_file_and_folder(tmp_path, text_file):
     folder = tmp_path / "texts"
     (folder / "sub").mkdir(parents=True)
     (folder / "a.txt").write_bytes(b"A" * 500)
-    (folder / "sub" / "b.txt").write_bytes(b"B" * 500)
+    (folder / "sub" / "b.txt").write_bytes(b"B" * 499)
+    (folder / "sub" / "c.txt").write_bytes(b"C")  # one byte counts; an empty file is left out
+    (folder / "sub" / "d.txt").write_bytes(b"")
     two = data.load_corpus(str(folder), str(tmp_path / "c"))
-    assert bytes(two.train[:1]) == b"A" and bytes(two.val[-1:]) == b"B" and len(two.val) == 100
+    assert bytes(two.train[:1]) == b"A" and bytes(two.val[-2:]) == b"BC" and len(two.val) == 100
+    assert two.description == f"{folder} (3 files, byte-level)"
+    cached = [json.loads(meta.read_text()) for meta in (tmp_path / "c").glob("bytes-*/meta.json")]
+    assert {"files": 3, "bytes": 1000, "train": 900, "val": 100} in cached  # under the given cache folder
 
 
 def test_nanogpt_bin_folder(tmp_path):
@@ -134,6 +139,31 @@ def test_data_errors(tmp_path, monkeypatch):
     small.write_bytes(b"x" * 200)
     with pytest.raises(ValueError, match="fewer than one context"):
         data.check_fits(data.load_corpus(str(small), str(tmp_path / "c")), 64)
+    (tmp_path / "only_empty").mkdir()
+    (tmp_path / "only_empty" / "a.txt").write_bytes(b"")
+    with pytest.raises(ValueError, match="no non-empty files"):
+        data.load_corpus(str(tmp_path / "only_empty"), str(tmp_path / "c"))
+
+
+def test_the_default_cache_folder(monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", "/somewhere/cache")
+    assert data.default_cache_dir() == "/somewhere/cache/fastavg"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", "/home/someone")
+    assert data.default_cache_dir() == "/home/someone/.cache/fastavg"
+
+
+def test_the_smallest_corpus_and_every_window_of_it():
+    # A split of block + 1 tokens holds exactly one window (inputs and their next tokens); one
+    # token fewer holds none. With one token more, both windows are drawn.
+    tokens = np.arange(9, dtype=np.uint8)
+    data.check_fits(data.Corpus(tokens, tokens, 256, ""), 8)
+    with pytest.raises(ValueError, match="the val split has 8 tokens, fewer than one context of 8 \\+ 1"):
+        data.check_fits(data.Corpus(tokens, tokens[:8], 256, ""), 8)
+    x, y = data.get_batch(tokens, 3, 8, torch.Generator().manual_seed(0))
+    assert torch.equal(x, torch.arange(8).expand(3, 8)) and torch.equal(y, x + 1)
+    x, _ = data.get_batch(np.arange(10, dtype=np.uint8), 200, 8, torch.Generator().manual_seed(0))
+    assert set(x[:, 0].tolist()) == {0, 1}
 
 
 def test_tiny_run_end_to_end(tmp_path, text_file, capsys):
