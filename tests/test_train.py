@@ -45,10 +45,16 @@ def _saved_weights_losses(out, text_file, cache, n_batches, names=("raw", "ema",
     return losses
 
 
-@pytest.mark.parametrize("preset, expected", [("gpt2", 124e6), ("gpt2-medium", 355e6), ("gpt2-large", 774e6)], ids=str)
-def test_gpt2_parameter_counts(preset, expected):
+@pytest.mark.parametrize(
+    "preset, layers, heads, width, expected",
+    [("gpt2", 12, 12, 768, 124e6), ("gpt2-medium", 24, 16, 1024, 355e6), ("gpt2-large", 36, 20, 1280, 774e6)],
+    ids=str,
+)
+def test_gpt2_shapes_and_parameter_counts(preset, layers, heads, width, expected):
+    config = config_for(preset, data.BPE_VOCAB)
+    assert (config.n_layer, config.n_head, config.n_embd) == (layers, heads, width)  # GPT-2's table
     with torch.device("meta"):
-        model = GPT(config_for(preset, data.BPE_VOCAB))
+        model = GPT(config)
     assert abs(model.num_params() - expected) / expected < 0.01
     assert model.config.block_size == 1024
     assert model.lm_head.weight is model.wte.weight  # tied
