@@ -226,6 +226,13 @@ def test_progress_lines(monkeypatch, capsys):
     assert out == "an evaluation\n"
     assert err == ("\r[........................] 0/10000 loss 1.0000 0 tok/s ETA ?"
                    "\r[........................] 1/10000 loss 1.0000 1 tok/s ETA 2:46:39\r\033[K\n")  # fmt: skip
+    assert [progress._clock(t) for t in (59.9, 60, 3599, 3600, 90061)] == [
+        "0:00:59",
+        "0:01:00",
+        "0:59:59",
+        "1:00:00",
+        "25:01:01",
+    ]
     quiet = progress.Progress(10, 0, 1, enabled=False)
     quiet.update(10, 1.0)
     quiet.note("an evaluation")
