@@ -278,6 +278,24 @@ def test_eval_line_and_summary_table():
     ]
 
 
+def test_the_plot_has_a_line_per_average_from_its_first_checkpoint(tmp_path, monkeypatch):
+    axes = pytest.importorskip("matplotlib.axes")
+    drawn, real_plot = {}, axes.Axes.plot
+
+    def plot(self, xs, ys, **kw):
+        drawn[kw["label"]] = (list(xs), list(ys))
+        return real_plot(self, xs, ys, **kw)
+
+    monkeypatch.setattr(axes.Axes, "plot", plot)
+    records = [
+        {"step": 10, "val_loss": {"raw": 2.9, "ema": None, "lawa": None}},
+        {"step": 20, "val_loss": {"raw": 2.5, "ema": 2.6, "lawa": None}},
+    ]
+    assert report.plot(records, str(tmp_path / "val_loss.png"))
+    assert drawn == {"raw": ([10, 20], [2.9, 2.5]), "ema": ([20], [2.6])}  # lawa: no point yet, no line
+    assert (tmp_path / "val_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_remove_outputs_leaves_the_metrics_and_what_is_not_the_runs(tmp_path):
     names = ["ckpt.pt", "val_loss.png", "model_raw.pt", "model_ema.pt", "model_swa.pt", "model_lawa.pt"]
     for name in [*names, "metrics.jsonl", "notes.txt"]:
