@@ -429,6 +429,11 @@ def test_two_process_ddp_run(tmp_path, text_file):
         (["--lr", "nan"], "--lr must be > 0"),
         (["--lr", "inf"], "--lr must be > 0 and finite"),
         (["--weight-decay", "-0.1"], "--weight-decay must be >= 0"),
+        (["--block-size", "0"], "--block-size must be >= 1, got 0"),
+        (["--grad-accum", "0"], "--grad-accum must be >= 1, got 0"),
+        (["--warmup", "-1"], "--warmup must be >= 0, got -1"),
+        (["--clip", "-1"], "--clip must be >= 0, got -1.0"),
+        (["--ema-decay", "1"], "--ema-decay must be in [0, 1), got 1.0"),
         (["--min-lr-ratio", "2"], "--min-lr-ratio must be in [0, 1]"),
         (["--device", "tpu"], "--device must be"),
         (["--backend", "fast"], "invalid choice"),
@@ -585,6 +590,18 @@ def test_defaults_are_the_papers_recipe():
     assert (
         cli.parse_args(["--preset", "gpt2-medium"]).lr == 3e-3 and cli.parse_args(["--preset", "gpt2-large"]).lr == 2e-3
     )
+
+
+def test_the_nano_defaults_and_the_edges_of_each_range(tmp_path):
+    args = cli.parse_args(["--out", str(tmp_path)])
+    assert (args.preset, args.steps, args.batch_size, args.grad_accum, args.warmup) == ("nano", 2000, 16, 1, 100)
+    assert (args.eval_interval, args.eval_batches, args.lr, args.lawa_every) == (100, 10, 1e-2, 100)
+    # EMA's horizon 1 / (1 - decay) is the steps LAWA's window spans: 5 checkpoints 100 steps apart.
+    assert args.ema_decay == pytest.approx(1 - 1 / 500)
+    assert cli.parse_args(["--out", str(tmp_path), "--lawa-window", "2", "--lawa-every", "10"]).ema_decay == 0.95
+    for edge in (["--block-size", "1"], ["--block-size", "128"], ["--min-lr-ratio", "0"], ["--min-lr-ratio", "1"],
+                 ["--ema-decay", "0"], ["--warmup", "0"], ["--clip", "0"], ["--weight-decay", "0"]):  # fmt: skip
+        cli.parse_args(["--out", str(tmp_path), *edge])  # each accepted
 
 
 def test_learning_rate_schedule():
