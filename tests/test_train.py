@@ -469,6 +469,16 @@ def test_resume_refuses_a_checkpoint_it_cannot_load_and_warns_of_other_options(t
     assert "cannot read" in capsys.readouterr().err
 
 
+def test_resume_counts_the_presets_own_context_as_the_same_block_size(tmp_path, capsys):
+    # A run made without --block-size saved None: nano's context, 128, given outright is the same.
+    saved = {"preset": "nano", "block_size": None, "averages": ["ema", "swa", "lawa"], "lawa_window": 5}
+    torch.save({"args": saved, "step": 10}, tmp_path / "ckpt.pt")
+    cli.parse_args(["--resume", "--out", str(tmp_path), "--block-size", "128"])
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--resume", "--out", str(tmp_path), "--block-size", "64"])
+    assert "was made with --block-size 128 (now 64)" in capsys.readouterr().err
+
+
 def test_a_fresh_start_over_an_earlier_run_is_refused_unless_told_to_overwrite(tmp_path, text_file, capsys):
     loop.train(_args(tmp_path, text_file, "--steps", "20"))
     out = tmp_path / "run"
@@ -596,6 +606,7 @@ def test_the_nano_defaults_and_the_edges_of_each_range(tmp_path):
     args = cli.parse_args(["--out", str(tmp_path)])
     assert (args.preset, args.steps, args.batch_size, args.grad_accum, args.warmup) == ("nano", 2000, 16, 1, 100)
     assert (args.eval_interval, args.eval_batches, args.lr, args.lawa_every) == (100, 10, 1e-2, 100)
+    assert args.seed == 1337  # nanoGPT's
     # EMA's horizon 1 / (1 - decay) is the steps LAWA's window spans: 5 checkpoints 100 steps apart.
     assert args.ema_decay == pytest.approx(1 - 1 / 500)
     assert cli.parse_args(["--out", str(tmp_path), "--lawa-window", "2", "--lawa-every", "10"]).ema_decay == 0.95
