@@ -596,6 +596,8 @@ def test_defaults_are_the_papers_recipe():
     assert args.lr == 6e-3 and args.batch_size == 16 and args.grad_accum == 8 and args.weight_decay == 0.1
     assert args.clip == 1.0 and args.averages == ["ema", "swa", "lawa"] and args.lawa_window == 5
     assert args.lawa_every == args.eval_interval
+    # nanoGPT's schedule: 600,000 steps, 2,000 of warm-up, an evaluation every 1,000 (of 40 batches here).
+    assert (args.steps, args.warmup, args.eval_interval, args.eval_batches) == (600_000, 2000, 1000, 40)
     assert cli.parse_args(["--preset", "gpt2", "--standard-lr"]).lr == pytest.approx(6e-4)
     assert (
         cli.parse_args(["--preset", "gpt2-medium"]).lr == 3e-3 and cli.parse_args(["--preset", "gpt2-large"]).lr == 2e-3
