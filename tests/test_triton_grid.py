@@ -1,6 +1,7 @@
 """How the Triton launches are sized (persistent, balanced, from the compiled kernel's registers),
 and the interpreter fix that lets the kernels run on Triton 3.6 with numpy >= 2.4."""
 
+import contextlib
 import types
 import warnings
 
@@ -134,6 +135,51 @@ def test_grid_comes_from_the_compiled_kernel():
         averager.step()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     assert table._RESIDENT and all(most % sms == 0 and most >= sms for most in table._RESIDENT.values())
+
+
+def test_resident_programs_are_read_once_per_compiled_kernel_and_fall_back_with_a_warning(monkeypatch):
+    """The GPU grid's size on the host: the compiled kernel's registers, read once per kernel, device,
+    constexprs and dtypes (or per grid_key); a Triton whose kernels cannot be inspected gets the
+    fixed fallback, and a warning that names the kernel."""
+    warmups, current = [], []
+
+    class Compiled:
+        n_regs, metadata = 40, types.SimpleNamespace(shared=0)
+
+        def _init_handles(self):
+            pass
+
+    class Kernel:
+        __name__ = "fake_kernel"
+
+        def __init__(self, error=None):
+            self.error = error
+
+        def warmup(self, *args, grid, **meta):
+            warmups.append((args, grid, meta))
+            if self.error:
+                raise self.error
+            return Compiled()
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: HOPPER)
+    monkeypatch.setattr(torch.cuda, "device", lambda index: contextlib.nullcontext(current.append(index)))
+    monkeypatch.setattr(table, "_RESIDENT", {})
+    kernel, meta = Kernel(), {"BLOCK": 8}  # num_warps: the default, 4
+    bf16_args = (torch.empty(4, dtype=torch.bfloat16), 3)
+    assert table.programs_per_sm(40, 0, table.NUM_WARPS, HOPPER) == 12  # the registers' limit
+    assert table._resident_programs(kernel, 1, bf16_args, meta) == 12 * 132
+    assert table._resident_programs(kernel, 1, bf16_args, meta) == 12 * 132
+    assert warmups == [(bf16_args, (1,), meta)] and current == [1]  # compiled on its own device, once
+    table._resident_programs(kernel, 1, (torch.empty(4), 3), meta)  # fp32: another compiled kernel
+    table._resident_programs(kernel, 0, bf16_args, meta)  # another device
+    table._resident_programs(kernel, 1, bf16_args, {"BLOCK": 16})  # other constexprs
+    table._resident_programs(kernel, 1, bf16_args, meta, grid_key="bf16")
+    table._resident_programs(kernel, 1, (torch.empty(4), 3), meta, grid_key="bf16")  # the key decides
+    table._resident_programs(kernel, 0, bf16_args, meta, grid_key="bf16")  # with the device
+    assert len(warmups) == 6
+    message = r"registers of Triton kernel fake_kernel \(RuntimeError\('no registers'\)\); its grid assumes 8 programs"
+    with pytest.warns(RuntimeWarning, match=message):
+        assert table._resident_programs(Kernel(RuntimeError("no registers")), 0, bf16_args, meta) == 8 * 132
 
 
 def _update_launch(weights, device="cpu"):
