@@ -58,6 +58,9 @@ def test_balanced_grid(work, most, expected):
         (32, 64 * 1024, 4, 3),  # shared memory limits it
         (255, 0, 4, 2),
         (1, 0, 1, 32),  # the SM's block limit
+        (41, 0, 4, 10),  # 1,312 registers a warp, allocated as 1,536
+        (64, 0, 4, 8),  # 2,048 a warp: exactly 8 units of 256
+        (255, 0, 32, 1),  # none fits by registers (such a launch would fail): one program, never zero
     ],
 )
 def test_programs_per_sm(n_regs, shared, warps, expected):
