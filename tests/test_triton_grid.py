@@ -333,6 +333,18 @@ def test_every_launch_names_its_fp_contraction(monkeypatch):
     assert all(meta.get("enable_fp_fusion") is table.FP_FUSION for meta in metas), metas
 
 
+def test_the_interpreter_runs_one_program_per_row_and_one_for_none():
+    grids = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **meta: grids.append((grid, args, meta))
+
+    for rows in (0, 1, 5):
+        table.launch(Kernel(), rows, torch.device("cpu"), "arg", BLOCK=8)
+    assert grids == [((1,), ("arg",), {"BLOCK": 8}), ((1,), ("arg",), {"BLOCK": 8}), ((5,), ("arg",), {"BLOCK": 8})]
+
+
 @pytest.mark.parametrize("device, current, expected", [("cuda:1", 0, 1), ("cuda:0", 0, 0), ("cuda", 2, 2)])
 def test_a_launch_runs_on_its_tensors_device(monkeypatch, device, current, expected):
     """Triton launches on the current device, in its current stream: parameters on cuda:1 while
