@@ -427,6 +427,7 @@ def test_two_process_ddp_run(tmp_path, text_file):
         (["--lawa-window", "0"], "--lawa-window must be >= 1"),
         (["--eval-interval", "0"], "--eval-interval must be >= 1"),
         (["--lr", "nan"], "--lr must be > 0"),
+        (["--lr", "0"], "--lr must be > 0 and finite, got 0.0"),
         (["--lr", "inf"], "--lr must be > 0 and finite"),
         (["--weight-decay", "-0.1"], "--weight-decay must be >= 0"),
         (["--block-size", "0"], "--block-size must be >= 1, got 0"),
