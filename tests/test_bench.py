@@ -226,6 +226,35 @@ def test_an_output_it_could_not_write_is_refused_before_anything_is_timed(argv, 
     assert message in capsys.readouterr().err
 
 
+def test_the_plot_has_a_panel_per_dtype_and_a_bar_per_measurement(tmp_path, monkeypatch):
+    axes = pytest.importorskip("matplotlib.axes")
+    bars, real_bar = [], axes.Axes.bar
+
+    def bar(self, xs, ys, width, **kw):
+        bars.append((self, list(xs), list(ys), width, kw["label"]))
+        return real_bar(self, xs, ys, width, **kw)
+
+    monkeypatch.setattr(axes.Axes, "bar", bar)
+    records = [
+        {"dtype": "bfloat16", "update": "ema", "impl": "stock", "pct_of_copy": 50.0},
+        {"dtype": "bfloat16", "update": "ema", "impl": "triton", "pct_of_copy": 91.0},
+        {"dtype": "bfloat16", "update": "lawa", "impl": "triton", "pct_of_copy": 90.5},  # no stock lawa
+        {"dtype": "float32", "update": "ema", "impl": "native", "pct_of_copy": 93.0},
+    ]
+    report.plot(str(tmp_path / "b.png"), {"params": "gpt2", "device_name": "a GPU"}, records)
+    (bf16, *_), (fp32, *_) = bars[0], bars[2]
+    assert [b[1:] for b in bars] == [
+        ([0.0], [50.0], 0.4, "stock"),  # two implementations share each update's 0.8 of width
+        ([0.4, 1.4], [91.0, 90.5], 0.4, "triton"),
+        ([0.0], [93.0], 0.8, "native"),
+    ]
+    assert [b[0] for b in bars] == [bf16, bf16, fp32] and bf16 is not fp32  # a panel per dtype, sorted
+    assert list(bf16.get_xticks()) == pytest.approx([0.2, 1.2]) and list(fp32.get_xticks()) == pytest.approx([0.0])
+    assert [t.get_text() for t in bf16.get_xticklabels()] == ["ema", "lawa"]
+    assert bf16.get_title() == "bfloat16 params, gpt2" and fp32.get_title() == "float32 params, gpt2"
+    assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_a_plot_without_matplotlib_is_refused_before_anything_is_timed(capsys, monkeypatch, tmp_path):
     real_find_spec = cli.importlib.util.find_spec
     monkeypatch.setattr(
