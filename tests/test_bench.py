@@ -241,7 +241,10 @@ def test_the_plot_has_a_panel_per_dtype_and_a_bar_per_measurement(tmp_path, monk
         {"dtype": "bfloat16", "update": "lawa", "impl": "triton", "pct_of_copy": 90.5},  # no stock lawa
         {"dtype": "float32", "update": "ema", "impl": "native", "pct_of_copy": 93.0},
     ]
+    pyplot = pytest.importorskip("matplotlib.pyplot")
+    open_before = pyplot.get_fignums()
     report.plot(str(tmp_path / "b.png"), {"params": "gpt2", "device_name": "a GPU"}, records)
+    assert pyplot.get_fignums() == open_before  # its figure closed
     (bf16, *_), (fp32, *_) = bars[0], bars[2]
     assert [b[1:] for b in bars] == [
         ([0.0], [50.0], 0.4, "stock"),  # two implementations share each update's 0.8 of width

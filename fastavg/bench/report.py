@@ -94,3 +94,4 @@ def plot(path: str, header: dict, records: list[dict]) -> None:
     fig.suptitle(f"fastavg-bench on {header['device_name']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)  # pyplot keeps every figure until closed: a caller that plots again would pile them up
