@@ -10,7 +10,7 @@ import torch
 
 import fastavg
 from fastavg.bench import cases, cli, native_launch, report, timing
-from fastavg.bench.shapes import gpt2_shapes
+from fastavg.bench.shapes import gpt2_shapes, parameter_shapes
 
 
 class FakeTuningHooks:
@@ -61,10 +61,19 @@ REQUIRED = {"update", "impl", "dtype", "numel", "median_ms", "host_ms", "gbps", 
             "speedup_vs_averaged_model"}  # fmt: skip
 
 
-def test_gpt2_shapes_are_gpt2_124m():
-    shapes = gpt2_shapes()
-    assert len(shapes) == 148
-    assert sum(torch.Size(s).numel() for s in shapes) == 124_439_808
+@pytest.mark.parametrize(
+    "name, tensors, numel",
+    [("gpt2", 148, 124_439_808), ("gpt2-medium", 292, 354_823_168), ("gpt2-large", 436, 774_030_080)],
+)
+def test_parameter_sets_are_gpt2s_sizes_or_one_flat_tensor(name, tensors, numel):
+    label, shapes = parameter_shapes(name, None)  # Hugging Face's counts, the tied head once
+    assert label == name and len(shapes) == tensors and sum(torch.Size(s).numel() for s in shapes) == numel
+    assert name != "gpt2" or shapes == gpt2_shapes()  # gpt2_shapes' defaults: 124M
+    assert parameter_shapes(name, 1) == ("numel=1", [(1,)])  # --numel wins over the default set
+    with pytest.raises(ValueError, match="--numel must be > 0, got 0"):
+        parameter_shapes(name, 0)
+    with pytest.raises(ValueError, match=r"unknown parameter set 'gpt3'; expected one of \['gpt2', "):
+        parameter_shapes("gpt3", None)
 
 
 def test_minimal_bytes_follow_the_design_table():
