@@ -94,6 +94,53 @@ def test_gpu_samples_span_the_minimum_time(ms_per_call, calls, expected):
     assert timing.calls_per_sample(ms_per_call, calls) == expected
 
 
+def test_gpu_medians_are_per_call_from_samples_that_span_the_minimum_time(monkeypatch):
+    """interleaved_median_ms's GPU branch on the host: each fn costs a fixed number of GPU
+    milliseconds, which the fake events see; the result is per call, and each fn's calls per
+    sample are fixed from one sample of ``calls`` after the warm-up."""
+    gpu = {"clock": 0.0}
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.at = None
+
+        def record(self):
+            self.at = gpu["clock"]
+
+        def elapsed_time(self, end):
+            return end.at - self.at
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    counts = {"lawa": 0, "step": 0}
+
+    def costs(name, ms):
+        def fn():
+            counts[name] += 1
+            gpu["clock"] += ms
+
+        return fn
+
+    fns = [costs("lawa", 0.125), costs("step", 40.0)]
+    assert timing.interleaved_median_ms(fns, torch.device("cuda"), 3, 2, calls=2) == pytest.approx([0.125, 40.0])
+    # warm-up 2; the sizing sample: 1 untimed + 2; then 3 samples of 1 untimed + 40 (5 ms of 0.125 ms calls) or + 2
+    assert counts == {"lawa": 2 + 3 + 3 * 41, "step": 2 + 3 + 3 * 3}
+
+
+def test_copy_bandwidth_counts_the_bytes_read_and_written(monkeypatch):
+    copies = []
+
+    def one_ms(fn, device, repeats, warmup):
+        fn()
+        copies.append((repeats, warmup))
+        return 1.0
+
+    monkeypatch.setattr(timing, "median_ms", one_ms)
+    # 2 MB moved (1 MB read, 1 MB written) in 1 ms: 2 GB/s
+    assert timing.copy_bandwidth_gbps(torch.device("cpu"), 2_000_000, 7, 3) == pytest.approx(2.0)
+    assert copies == [(7, 3)]
+
+
 class FakeCudaQueue:
     """torch.cuda's sleep kernel and events, on the CPU: the sleep lasts ``sleep_ms`` of host time
     from the moment it is queued (10 million cycles take 10 ms), as a busy GPU's queue would."""
@@ -139,7 +186,7 @@ def test_host_time_is_taken_while_the_gpu_sleeps(monkeypatch, sleep_ms_real, cal
     # After the calibration: a sleep of 5 ms + 3 x 5 calls x 2 ms, at a million cycles per ms.
     assert len(calls) == 5 and queue.sleeps[1] == 35_000_000
     if measured:
-        assert call_ms <= host_ms < 50 * call_ms
+        assert call_ms <= host_ms < 20 * call_ms  # per call: the 5 calls together take 5x as long
     else:
         assert host_ms is None
     assert timing.host_ms_per_call(step, torch.device("cpu"), 2.0) is None and len(calls) == 5
