@@ -94,7 +94,7 @@ def test_gpu_samples_span_the_minimum_time(ms_per_call, calls, expected):
     assert timing.calls_per_sample(ms_per_call, calls) == expected
 
 
-def test_gpu_medians_are_per_call_from_samples_that_span_the_minimum_time(monkeypatch):
+def test_medians_are_per_call_and_gpu_samples_span_the_minimum_time(monkeypatch):
     """interleaved_median_ms's GPU branch on the host: each fn costs a fixed number of GPU
     milliseconds, which the fake events see; the result is per call, and each fn's calls per
     sample are fixed from one sample of ``calls`` after the warm-up."""
@@ -125,6 +125,11 @@ def test_gpu_medians_are_per_call_from_samples_that_span_the_minimum_time(monkey
     assert timing.interleaved_median_ms(fns, torch.device("cuda"), 3, 2, calls=2) == pytest.approx([0.125, 40.0])
     # warm-up 2; the sizing sample: 1 untimed + 2; then 3 samples of 1 untimed + 40 (5 ms of 0.125 ms calls) or + 2
     assert counts == {"lawa": 2 + 3 + 3 * 41, "step": 2 + 3 + 3 * 3}
+    # On the CPU: one call a sample, on the host's clock (here the same fake time, in seconds).
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: gpu["clock"] / 1e3)
+    counts.update(lawa=0, step=0)
+    assert timing.interleaved_median_ms(fns, torch.device("cpu"), 3, 2, calls=2) == pytest.approx([0.125, 40.0])
+    assert counts == {"lawa": 5, "step": 5}
 
 
 def test_copy_bandwidth_counts_the_bytes_read_and_written(monkeypatch):
