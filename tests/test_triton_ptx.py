@@ -14,7 +14,10 @@ import torch
 triton = pytest.importorskip("triton", minversion="3.2")  # fastavg.triton_backend.MIN_TRITON
 tl = pytest.importorskip("triton.language")
 from fastavg.kernels import ring_mean, swap, update  # noqa: E402
-from fastavg.kernels.table import FP_FUSION, INTERPRET, NUM_WARPS  # noqa: E402
+
+# BLOCK: the launches' own, so the checks below see the block a GPU runs (in this file's
+# compiling process; the interpreter's, 4x larger, is never compiled).
+from fastavg.kernels.table import BLOCK, FP_FUSION, INTERPRET, NUM_WARPS  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
@@ -35,7 +38,6 @@ def test_ptx_checks_in_a_compiling_process():
 
 
 ARCHS = [80, 90]
-BLOCK = 1024  # the GPU block size (the interpreter uses a larger one)
 
 
 def _compile(fn, signature: dict, constexprs: dict, arch: int):
