@@ -201,13 +201,18 @@ def test_tiny_run_end_to_end(tmp_path, text_file, capsys):
 def test_progress_lines(monkeypatch, capsys):
     now = [1000.0]
     monkeypatch.setattr(progress.time, "perf_counter", lambda: now[0])
+
+    def drive(bar, points, loss):
+        """Updates at (time, step), an evaluation line, the end: what was printed (stdout, stderr)."""
+        for t, step in points:
+            now[0] = t
+            bar.update(step, loss)
+        bar.note("an evaluation")
+        bar.close()
+        return capsys.readouterr()
+
     bar = progress.Progress(100, 20, 1000)  # resumed at step 20; stderr is not a terminal here
-    for t, step in ((1010, 21), (1020, 22), (1040, 50), (1046, 100)):
-        now[0] = t
-        bar.update(step, 2.5)
-    bar.note("an evaluation")
-    bar.close()
-    out, err = capsys.readouterr()
+    out, err = drive(bar, ((1010, 21), (1020, 22), (1040, 50), (1046, 100)), 2.5)
     assert out == "an evaluation\n"
     assert err.splitlines() == [  # in a log: the first line, then one 30 s on or more, and the last
         "[#####...................] 21/100 loss 2.5000 100 tok/s ETA 0:13:10",
@@ -216,13 +221,7 @@ def test_progress_lines(monkeypatch, capsys):
     ]
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     now[0] = 2000.0
-    bar = progress.Progress(10_000, 0, 1)
-    for t, step in ((2000, 0), (2001, 1)):  # on a terminal: every step, redrawn in place
-        now[0] = t
-        bar.update(step, 1.0)
-    bar.note("an evaluation")
-    bar.close()
-    out, err = capsys.readouterr()
+    out, err = drive(progress.Progress(10_000, 0, 1), ((2000, 0), (2001, 1)), 1.0)  # on a terminal: every step
     assert out == "an evaluation\n"
     assert err == ("\r[........................] 0/10000 loss 1.0000 0 tok/s ETA ?"
                    "\r[........................] 1/10000 loss 1.0000 1 tok/s ETA 2:46:39\r\033[K\n")  # fmt: skip
@@ -233,11 +232,7 @@ def test_progress_lines(monkeypatch, capsys):
         "1:00:00",
         "25:01:01",
     ]
-    quiet = progress.Progress(10, 0, 1, enabled=False)
-    quiet.update(10, 1.0)
-    quiet.note("an evaluation")
-    quiet.close()
-    assert capsys.readouterr() == ("an evaluation\n", "")
+    assert drive(progress.Progress(10, 0, 1, enabled=False), ((2002, 10),), 1.0) == ("an evaluation\n", "")
 
 
 def test_the_trainer_shows_progress_unless_told_not_to(tmp_path, text_file, capsys):
