@@ -31,14 +31,14 @@ def _args(tmp_path, text_file, *extra):
                            "--eval-batches", "2", "--warmup", "5", "--no-progress", *extra])  # fmt: skip
 
 
-def _saved_weights_losses(out, text_file, cache, n_batches, names=("raw", "ema", "swa", "lawa")):
+def _saved_weights_losses(out, text_file, cache, n_batches):
     """The mean validation loss of each saved model_<name>.pt over the run's own held-out batches
     (batch 4, context 32), worked out here in one process, without the trainer's evaluate()."""
     corpus = data.load_corpus(text_file, str(cache))
     batches = [data.get_batch(corpus.val, 4, 32, torch.Generator().manual_seed(10_000 + i)) for i in range(n_batches)]
     model = GPT(config_for("nano", data.BYTE_VOCAB, 32)).eval()
     losses = {}
-    for name in names:
+    for name in ("raw", "ema", "swa", "lawa"):
         model.load_state_dict(torch.load(out / f"model_{name}.pt"))
         with torch.no_grad():
             losses[name] = sum(model(x, y)[1].item() for x, y in batches) / n_batches
@@ -620,7 +620,7 @@ def test_learning_rate_schedule():
     assert all(a <= b for a, b in zip(lrs[:100], lrs[1:100]))  # warm-up rises
     assert all(a >= b for a, b in zip(lrs[100:], lrs[101:]))  # cosine falls
     assert loop.lr_at(1000, args) == pytest.approx(1e-3)
-    # The cosine starts at the peak right after warm-up, is halfway down halfway through the decay
-    # and a quarter of the way down a quarter of the way through (peak 1e-2, floor 1e-3).
+    # The cosine starts at the peak right after warm-up and is halfway down halfway through the
+    # decay; a quarter of the way through it is (1 + cos(pi/4)) / 2 of the way up (peak 1e-2, floor 1e-3).
     assert lrs[100] == pytest.approx(1e-2) and lrs[550] == pytest.approx(1e-3 + 0.5 * 9e-3)
     assert lrs[325] == pytest.approx(1e-3 + 0.5 * (1 + math.cos(math.pi / 4)) * 9e-3)
