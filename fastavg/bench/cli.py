@@ -212,7 +212,7 @@ def run_train_step(args, device, backends, repeats, warmup) -> None:
     preset = args.train_preset or ("gpt2" if device.type == "cuda" else "nano")
     if preset not in PRESETS:
         raise SystemExit(f"fastavg-bench: unknown --train-preset {preset!r}; expected one of {sorted(PRESETS)}")
-    accum = args.train_accum or (1 if preset == "nano" else 8)
+    accum = args.train_accum if args.train_accum is not None else (1 if preset == "nano" else 8)
     if args.train_batch < 1 or accum < 1:
         raise SystemExit("fastavg-bench: --train-batch and --train-accum must be >= 1")
     records = train_step.train_step_records(preset, device, args.train_batch, accum, backends,
