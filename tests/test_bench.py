@@ -211,9 +211,19 @@ def test_quick_run_writes_every_output(tmp_path, capsys):
         "bfloat16",
         "float32",
     }
-    fast = [r for r in records if r["impl"] == "fastavg-torch"]
-    assert all(r["speedup_vs_stock"] > 0 for r in fast)
     assert all(r["median_ms"] > 0 and r["gbps"] > 0 for r in records)
+    ms = {(r["update"], r["dtype"], r["impl"]): r["median_ms"] for r in records}
+    for r in records:
+        itemsize = getattr(torch, r["dtype"]).itemsize
+        assert r["bytes_per_element"] == cases.minimal_bytes_per_element(r["update"], itemsize, 4)  # fp32 averages
+        assert r["gbps"] == pytest.approx(r["numel"] * r["bytes_per_element"] / r["median_ms"] / 1e6)
+        assert r["pct_of_copy"] == pytest.approx(100 * r["gbps"] / header["copy_gbps"])
+        stock, model = (ms.get((r["update"], r["dtype"], impl)) for impl in ("stock-foreach", "AveragedModel"))
+        if r["impl"].startswith("fastavg"):  # only fastavg's rows are compared with the stock paths
+            assert r["speedup_vs_stock"] == pytest.approx(stock / r["median_ms"])
+            assert r["speedup_vs_averaged_model"] == (pytest.approx(model / r["median_ms"]) if model else None)
+        else:
+            assert r["speedup_vs_stock"] is None and r["speedup_vs_averaged_model"] is None
     bf16_model = [r for r in records if r["impl"] == "AveragedModel" and r["dtype"] == "bfloat16"]
     assert bf16_model and not bf16_model[0]["same_numerics"]  # said plainly: it keeps bf16 averages
     with out["csv"].open() as f:
@@ -263,12 +273,80 @@ def test_a_numbered_cuda_device_becomes_the_current_one(monkeypatch):
         (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "not"),
         (["--device", "nonsense"], "device"),
         (["--repeats", "0", "--quick"], "repeats"),
+        (["--warmup", "-1", "--quick"], "warmup"),
+        (["--train-step", "--train-batch", "0"], "--train-batch and --train-accum must be >= 1"),
+        (["--train-step", "--train-accum", "0"], "--train-batch and --train-accum must be >= 1"),
     ],
 )
-def test_bad_options_get_clear_errors(argv, message):
+def test_bad_options_get_clear_errors(argv, message, monkeypatch):
+    monkeypatch.setattr(cli, "copy_bandwidth_gbps", lambda *a: pytest.fail("timed before the options were checked"))
     with pytest.raises(SystemExit) as info:
         cli.main(argv)
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize("processor, name", [("x86_64", "x86_64"), ("", "cpu")])
+def test_the_header_names_the_processor_where_python_knows_it(monkeypatch, processor, name):
+    monkeypatch.setattr(cli.platform, "processor", lambda: processor)
+    header = cli.header_record(torch.device("cpu"), "two tensors", [(3, 4), (5,)], 12.5)
+    assert header["device_name"] == name and header["device"] == "cpu" and header["params"] == "two tensors"
+    assert header["tensors"] == 2 and header["numel"] == 17 and header["copy_gbps"] == 12.5
+
+
+@pytest.mark.parametrize(
+    "argv, gpu, expected",
+    [
+        (["--quick"], False, (3, 1, 1 << 26)),
+        ([], False, (10, 2, 1 << 28)),
+        (["--repeats", "1", "--warmup", "0"], False, (1, 0, 1 << 28)),  # the smallest accepted
+        ([], True, (30, 10, 1 << 30)),
+    ],
+)
+def test_samples_and_the_copy_size_default_per_device(monkeypatch, argv, gpu, expected):
+    seen = {}
+
+    def copy_gbps(device, nbytes, repeats, warmup):
+        seen["copy"] = repeats, warmup, nbytes
+        return 1.0
+
+    def run_dtype(update, dtype, shapes, device, backends, repeats, warmup, *rest):
+        seen["update"] = repeats, warmup
+        return []
+
+    monkeypatch.setattr(cli, "copy_bandwidth_gbps", copy_gbps)
+    monkeypatch.setattr(cli, "run_dtype", run_dtype)
+    if gpu:  # a CUDA device named on the host: with the timing faked, nothing touches it
+        monkeypatch.setattr(cli, "resolve_device", lambda name: torch.device("cuda"))
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a faked GPU")
+    cli.main([*argv, "--numel", "1000", "--backends", "torch", "--update", "ema", "--dtype", "fp32"])
+    repeats, warmup, copy_bytes = expected
+    assert seen == {"copy": (repeats, warmup, copy_bytes), "update": (repeats, warmup)}
+
+
+@pytest.mark.parametrize(
+    "argv, gpu, expected",
+    [
+        ([], False, ("nano", 16, 1, 5, 2)),  # on the CPU: at most 5 samples of the 10
+        ([], True, ("gpt2", 16, 8, 10, 3)),  # on a GPU: GPT-2, the paper's accumulation, 10 samples of the 30
+        (["--train-preset", "gpt2", "--train-batch", "1", "--repeats", "9", "--warmup", "4"], False, ("gpt2", 1, 8, 5, 3)),
+        (["--train-preset", "gpt2", "--train-accum", "1", "--repeats", "1", "--warmup", "0"], False, ("gpt2", 16, 1, 1, 0)),
+    ],
+)  # fmt: skip
+def test_train_step_options_and_their_defaults(monkeypatch, capsys, argv, gpu, expected):
+    from fastavg.bench import train_step
+
+    seen = []
+    if gpu:  # a CUDA device named on the host: with the step faked, nothing touches it
+        monkeypatch.setattr(cli, "resolve_device", lambda name: torch.device("cuda"))
+
+    def records(preset, device, batch_size, grad_accum, backends, repeats, warmup):
+        seen.append((preset, batch_size, grad_accum, repeats, warmup))
+        return []
+
+    monkeypatch.setattr(train_step, "train_step_records", records)
+    monkeypatch.setattr(train_step, "table", lambda records: "")
+    cli.main(["--train-step", "--backends", "torch", *argv])
+    assert seen == [expected]
 
 
 @pytest.mark.parametrize(
