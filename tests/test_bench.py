@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastavg
 from fastavg.bench import cases, cli, native_launch, report, timing
@@ -83,6 +84,76 @@ def test_minimal_bytes_follow_the_design_table():
     assert cases.minimal_bytes_per_element("lawa", bf16, fp32) == 4
     assert cases.minimal_bytes_per_element("all", bf16, fp32) == 20
     assert cases.minimal_bytes_per_element("swap", bf16, fp32) == 14  # swap-in 10 + restore 4
+
+
+class AtenLog(TorchDispatchMode):
+    """The aten ops a call runs, as dispatched (the top-level calls, not what they run inside), each
+    as (name, its number arguments, the first tensor it writes or reads)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        first = args[0][0] if isinstance(args[0], (list, tuple)) else args[0]
+        numbers = tuple(a for a in args if isinstance(a, (int, float)))
+        self.ops.append((func.overloadpacket.__name__, numbers, first))
+        return func(*args, **(kwargs or {}))
+
+
+def _aten_ops(step, names=None):
+    with torch.no_grad(), AtenLog() as log:
+        step()
+    return [op for op in log.ops if names is None or op[0] in names]
+
+
+def _bench_params(dtype):
+    torch.manual_seed(0)
+    return [torch.nn.Parameter(torch.randn(shape).to(dtype)) for shape in [(3, 4), (5,)]]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(
+    "update, work",
+    [
+        ("ema", ["cast", ("_foreach_lerp_", 0.001)]),
+        ("swa", ["cast", ("_foreach_lerp_", 0.01)]),  # SWA's cost: its weight changes, the work does not
+        ("lawa", [("_foreach_copy_",)]),
+        ("all", ["cast", ("_foreach_lerp_", 0.001), ("_foreach_lerp_", 0.01), ("_foreach_copy_",)]),
+        ("swap", [("_foreach_copy_",)] * 3),  # the weights out, the EMA in, the weights back
+    ],
+)
+def test_the_stock_paths_do_the_work_fastavg_is_timed_against(update, work, dtype):
+    # A baseline that skipped a pass would flatter nothing but itself: each stock path runs exactly
+    # the foreach ops its note names, one cast pass first where the weights are not fp32.
+    params = _bench_params(dtype)
+    expected = [("_foreach_copy_",) if op == "cast" else op for op in work if op != "cast" or dtype != torch.float32]
+    case = cases.stock_case(update, params, torch.float32)
+    before = [p.detach().clone() for p in params]
+    ops = _aten_ops(case.step)
+    assert [(name, *numbers) for name, numbers, _ in ops] == [pytest.approx(op) for op in expected]
+    assert all(torch.equal(p, b) for p, b in zip(params, before))  # swap's last copy puts the weights back
+    loop = cases.loop_case(update, params, torch.float32)
+    if update not in ("ema", "swa"):
+        assert loop is None and cases.averaged_model_case(update, params) is None
+        return
+    weight = expected[-1][1]
+    per_tensor = [("_to_copy",)] * (dtype != torch.float32) + [("lerp_", weight)]  # a cast, then lerp_, per tensor
+    assert [(name, *numbers) for name, numbers, _ in _aten_ops(loop.step)] == [
+        pytest.approx(op) for op in per_tensor * 2
+    ]
+    # AveragedModel's third update (two untimed first): EMA at 1 - decay, SWA at 1 / (averaged + 1).
+    model = cases.averaged_model_case(update, params)
+    lerps = _aten_ops(model.step, ("_foreach_lerp_",))
+    assert [numbers for _, numbers, _ in lerps] == [pytest.approx((0.001 if update == "ema" else 1 / 3,))]
+
+
+def test_the_stock_lawa_ring_takes_each_slot_in_turn():
+    params = _bench_params(torch.bfloat16)
+    step = cases.stock_case("lawa", params, torch.float32).step
+    slots = [first.data_ptr() for _ in range(2 * cases.WINDOW) for _, _, first in _aten_ops(step)]
+    assert len(set(slots[: cases.WINDOW])) == cases.WINDOW and slots[cases.WINDOW :] == slots[: cases.WINDOW]
+    assert all(p.data_ptr() not in slots for p in params)
 
 
 @pytest.mark.parametrize(
@@ -206,6 +277,8 @@ def test_quick_run_writes_every_output(tmp_path, capsys):
     header, *records = json.loads(out["json"].read_text())
     assert header["record"] == "header" and header["copy_gbps"] > 0 and header["torch"] == torch.__version__
     assert header["complete"]
+    tiny = gpt2_shapes(layers=2, dim=128, vocab=1000, context=128)  # --quick's shapes: a 2-layer GPT-2
+    assert header["params"] == "gpt2-tiny (--quick)" and header["numel"] == sum(torch.Size(s).numel() for s in tiny)
     assert records and all(REQUIRED <= set(r) for r in records)
     assert {r["update"] for r in records} == {"ema", "lawa"} and {r["dtype"] for r in records} == {
         "bfloat16",
