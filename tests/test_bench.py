@@ -148,6 +148,16 @@ def test_the_stock_paths_do_the_work_fastavg_is_timed_against(update, work, dtyp
     assert [numbers for _, numbers, _ in lerps] == [pytest.approx((0.001 if update == "ema" else 1 / 3,))]
 
 
+@pytest.mark.parametrize("update", cases.UPDATES)
+def test_every_timed_fastavg_call_does_the_whole_update(update):
+    # A timed call that found nothing due (LAWA every other step, or EMA's first, copying update)
+    # would time less than the update: each call runs the same foreach work as the one before.
+    step = cases.fastavg_case(update, _bench_params(torch.float32), "torch").step
+    calls = [[name for name, _, _ in _aten_ops(step, ("_foreach_copy_", "_foreach_lerp_"))] for _ in range(3)]
+    assert calls[0] and calls[0] == calls[1] == calls[2]
+    assert ("_foreach_lerp_" in calls[0]) == (update in ("ema", "swa", "all"))
+
+
 def test_the_stock_lawa_ring_takes_each_slot_in_turn():
     params = _bench_params(torch.bfloat16)
     step = cases.stock_case("lawa", params, torch.float32).step
