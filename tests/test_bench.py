@@ -505,11 +505,15 @@ def test_unavailable_backend_is_refused_with_the_reason(monkeypatch):
     assert cli.resolve_backends(None, torch.device("cpu")) == ["torch"]  # the interpreter is never benchmarked
 
 
-def test_train_step_reports_the_overhead(tmp_path, capsys):
+def test_train_step_reports_the_overhead(tmp_path, capsys, monkeypatch):
+    from fastavg.bench import train_step
+    from fastavg.train.model import GPT, config_for
+
+    wrapped_with, wrap = [], fastavg.wrap
+    monkeypatch.setattr(train_step.fastavg, "wrap", lambda inner, specs, **kw: wrapped_with.append(specs) or wrap(inner, specs, **kw))  # fmt: skip
     path = tmp_path / "train.json"
-    cli.main(["--train-step", "--train-batch", "2", "--repeats", "2", "--warmup", "1", "--json", str(path)])
+    cli.main(["--train-step", "--train-batch", "2", "--train-accum", "2", "--repeats", "2", "--warmup", "1", "--json", str(path)])  # fmt: skip
     printed = capsys.readouterr().out
-    assert "train step: nano" in printed and "overhead" in printed
     header, *records = json.loads(path.read_text())
     assert header["record"] == "header" and records[0]["impl"] == "adamw" and records[0]["overhead_pct"] == 0.0
     wrapped = records[1:]
@@ -517,6 +521,45 @@ def test_train_step_reports_the_overhead(tmp_path, capsys):
     base = records[0]["median_ms"]
     for r in wrapped:
         assert r["overhead_pct"] == pytest.approx(100 * (r["median_ms"] - base) / base)
+    # The trainer's nano model on its byte vocabulary, 2 sequences of its context, two micro-batches.
+    config = config_for("nano", 256)
+    numel, tokens = GPT(config).num_params(), 2 * config.block_size * 2
+    assert all(r["preset"] == "nano" and r["numel"] == numel and r["tokens_per_step"] == tokens for r in records)
+    assert f"train step: nano ({numel / 1e6:.1f}M params), 2 x {config.block_size} tokens x 2 accumulation" in printed
+    # Every average is due at every timed step: the overhead is averaging's whole cost.
+    assert len(wrapped_with) == len(wrapped)
+    for specs in wrapped_with:
+        assert specs == {"ema": fastavg.EMA(0.999), "swa": fastavg.SWA(), "lawa": fastavg.LAWA(5, every=1)}
+
+
+@pytest.mark.parametrize("scale, clipped", [(1.0, True), (0.3, False)])  # weights scaled: smaller gradients
+def test_the_timed_train_step_averages_its_micro_batches_and_clips_as_the_trainer_does(scale, clipped):
+    from fastavg.bench import train_step
+    from fastavg.train.model import GPT, config_for
+
+    torch.manual_seed(0)
+    config = config_for("nano", 256, block_size=16)
+    model = GPT(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(scale)
+    batches = [tuple(torch.randint(256, (2, 16)) for _ in range(2)) for _ in range(3)]
+    seen = {}
+
+    class CaptureGrads:  # the optimizer the step calls: it keeps the gradients it was given
+        def step(self):
+            seen["grads"] = [p.grad.clone() for p in model.parameters()]
+
+        def zero_grad(self, set_to_none):
+            model.zero_grad(set_to_none=set_to_none)
+
+    train_step._step_fn(model, CaptureGrads(), batches, torch.device("cpu"))()
+    assert all(p.grad is None for p in model.parameters())  # and freed after the step
+    loss = sum(model(x, y)[1] for x, y in batches) / len(batches)  # one batch's mean loss
+    loss.backward()
+    assert (torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0) > 1.0) == clipped
+    for got, want in zip(seen["grads"], (p.grad for p in model.parameters()), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 def test_train_step_rejects_unknown_preset():
