@@ -881,6 +881,21 @@ def test_native_launch_settings_with_the_drivers_copies_change_lawa_alone_only()
     assert hooks.driver == 0
 
 
+@pytest.mark.parametrize("driver", [0, native_launch.DRIVER_COPIES, native_launch.DRIVER_COPIES_CE])
+def test_current_settings_are_read_and_left_as_they_were(driver):
+    hooks = FakeTuningHooks()
+    hooks.state, hooks.bulk, hooks.driver = [64, 4, 1], 16, driver
+    assert native_launch.current_settings(hooks) == (64, 4, True, 16, driver)
+    assert (hooks.state, hooks.bulk, hooks.driver) == ([64, 4, 1], 16, driver)
+
+
+def test_launch_settings_of_threads_and_unroll_set_those_two_and_put_them_back():
+    hooks = FakeTuningHooks()
+    with native_launch.launch_settings(hooks, 128, 2):
+        assert hooks.log == [("threads", 128), ("unroll", 2)]
+    assert hooks.log[2:] == [("unroll", 1), ("threads", 256)] and hooks.state == [256, 1, 0]
+
+
 def test_current_settings_of_a_build_without_the_drivers_copies():
     """A build of CUDA before 13.0 refuses every mode of set_driver_copies, 0 too: its setting reads 0."""
     hooks = FakeTuningHooks()
@@ -899,6 +914,7 @@ def test_malformed_native_launch_settings_are_refused(text):
 def test_native_launch_settings_read_before_the_grid_was_one_are_on_the_persistent_grid():
     # Runs 6 and 7 recorded [threads, unroll]; the labels name the grid only where it is one block per row.
     assert native_launch.Setting(*[128, 2]) == (128, 2, False, 0, 0)
+    assert native_launch.Setting(128) == (128, 1, False, 0, 0)  # threads alone: no unroll, the vector kernels
     assert native_launch.label(*native_launch.Setting(128, 2)) == "T=128 x2"
     assert (
         native_launch.label(128, 2, True) == "T=128 x2 per row" and native_launch.label(256, 1, True) == "T=256 per row"
