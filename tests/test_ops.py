@@ -159,14 +159,16 @@ def test_update_with_only_rings_or_only_averages(target):
 
 
 def test_weights_keep_float64_precision(target):
+    # Four averages, one launch's worth: each weight reaches its average with all its bits.
     backend, dev = target
     params = _params([64], torch.float64, dev)
     impls, flat, table = _bind(backend, params, dev)
-    avg = _randn(64, dtype=torch.float64, device=dev)
-    old = avg.clone()
-    w = 1 / 3
-    impls["update_"](flat, table, [avg], [w], [], [])
-    torch.testing.assert_close(avg, old + w * (params[0] - old), rtol=1e-13, atol=1e-13)
+    averages = [_randn(64, dtype=torch.float64, device=dev) for _ in range(4)]
+    old = [a.clone() for a in averages]
+    weights = [1 / 3, 1 / 7, 1 / 11, 1 / 13]
+    impls["update_"](flat, table, averages, weights, [], [])
+    for avg, before, w in zip(averages, old, weights):
+        torch.testing.assert_close(avg, before + w * (params[0] - before), rtol=1e-13, atol=1e-13)
 
 
 @pytest.mark.parametrize("misaligned", [False, True], ids=["aligned", "misaligned"])
