@@ -233,6 +233,26 @@ def test_a_launch_plans_grid_key_names_what_the_arguments_would():
     assert {kernel for kernel, _, _, _ in launches} == {update.update_kernel, update.snapshot_kernel}
 
 
+@pytest.mark.parametrize(
+    "n_avg, n_ring, block, expected",
+    [
+        (1, 0, None, table.BLOCK),  # one buffer: the full block
+        (0, 1, None, table.BLOCK),
+        (1, 1, None, update.MANY_BUFFERS_BLOCK),  # two or more: the block tuned for their registers
+        (0, 2, None, update.MANY_BUFFERS_BLOCK),
+        (3, 1, None, update.MANY_BUFFERS_BLOCK),
+        (3, 1, 2048, 2048),  # a sweep's block, given outright
+    ],
+)
+def test_launches_of_two_or_more_buffers_take_their_own_block(n_avg, n_ring, block, expected):
+    params = [torch.randn(7).bfloat16()]
+    averages = [torch.zeros(7) for _ in range(n_avg)]
+    rings = [torch.zeros(2, 7, dtype=torch.bfloat16) for _ in range(n_ring)]
+    rows = table.build_table(params)
+    ((_, _, meta, _),) = update.launches(params, rows, averages, [0.1] * n_avg, rings, [0] * n_ring, block=block)
+    assert meta["BLOCK"] == expected
+
+
 def test_rings_alone_launch_the_snapshot_kernel_with_four_arguments():
     """LAWA alone is the shortest kernel, so its launch's host cost counts: 4 arguments, not 20."""
     params = [torch.randn(7).bfloat16()]
