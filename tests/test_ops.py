@@ -223,12 +223,17 @@ def test_bfloat16_rounding_is_nearest_even_with_ties_and_specials(target):
     assert torch.equal(params[0][:-1], expected[:-1]) and params[0][-1].isnan()
 
 
-def test_ring_mean_rejects_bad_count(target):
+def test_ring_reads_reject_bad_count(target):
     backend, dev = target
-    impls = resolve_backend(backend, dev).impls
+    params = _params([5], torch.float32, dev)
+    impls, flat, table = _bind(backend, params, dev)
+    before, backup = params[0].clone(), torch.zeros(5, device=dev)
     for count in (0, 4):  # a window of 3 snapshots of 5 elements: the message names the window
         with pytest.raises(ValueError, match=rf"count must be in \[1, 3\], got {count}$"):
             impls["ring_mean_"](torch.empty(5, device=dev), torch.zeros(3, 5, device=dev), count)
+        with pytest.raises(ValueError, match=rf"count must be in \[1, 3\], got {count}$"):
+            impls["swap_in_ring_"](flat, table, backup, torch.ones(3, 5, device=dev), count, torch.float32)
+        assert torch.equal(params[0], before) and not backup.any()  # refused before anything is written
 
 
 def test_native_ops_own_checks_raise_with_their_numbers(target):
