@@ -10,8 +10,9 @@ import pytest
 import torch
 
 pytest.importorskip("triton", minversion="3.2")  # fastavg.triton_backend.MIN_TRITON
+import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from fastavg.kernels import interpreter_fix, ring_mean, swap, table, update  # noqa: E402
+from fastavg.kernels import access, interpreter_fix, ring_mean, swap, table, update  # noqa: E402
 from test_ops import TOL, _bind, _params, _randn  # noqa: E402
 
 from fastavg.table import CHUNK  # noqa: E402
@@ -351,6 +352,24 @@ def test_every_launch_names_its_fp_contraction(monkeypatch):
     ring_mean.ring_mean_(torch.empty(4106), ring, 2)
     assert len(metas) == 6
     assert all(meta.get("enable_fp_fusion") is table.FP_FUSION for meta in metas), metas
+
+
+@triton.jit
+def _full_blocks_end_of(out, lengths, aligned, BLOCK: tl.constexpr):
+    i = tl.program_id(0)
+    tl.store(out + i, access.full_blocks_end(tl.load(lengths + i), tl.load(aligned + i), BLOCK))
+
+
+def test_only_aligned_rows_take_the_unmasked_vector_loop():
+    # A misaligned row in the vector loop would be promised 16-byte alignment it does not have:
+    # wrong data or a fault on a GPU, unseen in the interpreter, which ignores the hints. So its
+    # vector loop ends where it starts, and an aligned row's after its last full block (int64).
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    lengths = torch.tensor([0, 7, 1024, 4099, 4099, 2**31 + 5], device=dev)
+    aligned = torch.tensor([1, 1, 1, 1, 0, 1], device=dev)
+    out = torch.full_like(lengths, -1)
+    _full_blocks_end_of[(len(lengths),)](out, lengths, aligned, BLOCK=1024)
+    assert out.tolist() == [0, 0, 1024, 4096, 0, 2**31]
 
 
 def test_the_interpreter_runs_one_program_per_row_and_one_for_none():
