@@ -355,6 +355,29 @@ def test_every_launch_names_its_fp_contraction(monkeypatch):
 
 
 @triton.jit
+def _rows_read(out, table, P_DTYPE: tl.constexpr):
+    r = tl.program_id(0)
+    pointer, offset, length, aligned = access.row(table, r, P_DTYPE)
+    tl.store(out + r * 4 + 1, offset)
+    tl.store(out + r * 4 + 2, length)
+    tl.store(out + r * 4 + 3, aligned)
+    tl.store(out + r * 4, tl.load(pointer).to(tl.int64))  # the row's first element, through its pointer
+
+
+def test_a_row_reads_its_own_offset_length_and_alignment():
+    # Alignment only ever picks the faster loop, so no op test sees a row that reads another's flag.
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    storage = torch.arange(40, dtype=torch.int32, device=dev)
+    params = [storage[0:10], storage[11:16], storage[16:40]]  # aligned; misaligned; offset 15 elements
+    rows = table.build_table(params, chunk=8)
+    out = torch.full_like(rows, -1)
+    _rows_read[(rows.shape[0],)](out, rows, P_DTYPE=tl.int32)
+    assert out.tolist() == [  # first element, flat offset, length, aligned: only the first tensor's rows
+        [0, 0, 8, 1], [8, 8, 2, 1], [11, 10, 5, 0], [16, 15, 8, 0], [24, 23, 8, 0], [32, 31, 8, 0],
+    ]  # fmt: skip
+
+
+@triton.jit
 def _full_blocks_end_of(out, lengths, aligned, BLOCK: tl.constexpr):
     i = tl.program_id(0)
     tl.store(out + i, access.full_blocks_end(tl.load(lengths + i), tl.load(aligned + i), BLOCK))
