@@ -10,8 +10,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastavg
-from fastavg.bench import cases, cli, native_launch, report, timing
+from fastavg.bench import cases, cli, native_launch, report, timing, train_step
 from fastavg.bench.shapes import gpt2_shapes, parameter_shapes
+from fastavg.train.model import GPT, config_for
 
 
 class FakeTuningHooks:
@@ -376,6 +377,12 @@ def test_the_header_names_the_processor_where_python_knows_it(monkeypatch, proce
     assert header["tensors"] == 2 and header["numel"] == 17 and header["copy_gbps"] == 12.5
 
 
+def _name_a_gpu(monkeypatch):
+    """``--device auto`` resolves to CUDA on the host: with the timing faked, nothing touches it."""
+    monkeypatch.setattr(cli, "resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a faked GPU")
+
+
 @pytest.mark.parametrize(
     "argv, gpu, expected",
     [
@@ -398,9 +405,8 @@ def test_samples_and_the_copy_size_default_per_device(monkeypatch, argv, gpu, ex
 
     monkeypatch.setattr(cli, "copy_bandwidth_gbps", copy_gbps)
     monkeypatch.setattr(cli, "run_dtype", run_dtype)
-    if gpu:  # a CUDA device named on the host: with the timing faked, nothing touches it
-        monkeypatch.setattr(cli, "resolve_device", lambda name: torch.device("cuda"))
-        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a faked GPU")
+    if gpu:
+        _name_a_gpu(monkeypatch)
     cli.main([*argv, "--numel", "1000", "--backends", "torch", "--update", "ema", "--dtype", "fp32"])
     repeats, warmup, copy_bytes = expected
     assert seen == {"copy": (repeats, warmup, copy_bytes), "update": (repeats, warmup)}
@@ -416,11 +422,9 @@ def test_samples_and_the_copy_size_default_per_device(monkeypatch, argv, gpu, ex
     ],
 )  # fmt: skip
 def test_train_step_options_and_their_defaults(monkeypatch, capsys, argv, gpu, expected):
-    from fastavg.bench import train_step
-
     seen = []
-    if gpu:  # a CUDA device named on the host: with the step faked, nothing touches it
-        monkeypatch.setattr(cli, "resolve_device", lambda name: torch.device("cuda"))
+    if gpu:
+        _name_a_gpu(monkeypatch)
 
     def records(preset, device, batch_size, grad_accum, backends, repeats, warmup):
         seen.append((preset, batch_size, grad_accum, repeats, warmup))
@@ -506,9 +510,6 @@ def test_unavailable_backend_is_refused_with_the_reason(monkeypatch):
 
 
 def test_train_step_reports_the_overhead(tmp_path, capsys, monkeypatch):
-    from fastavg.bench import train_step
-    from fastavg.train.model import GPT, config_for
-
     wrapped_with, wrap = [], fastavg.wrap
     monkeypatch.setattr(train_step.fastavg, "wrap", lambda inner, specs, **kw: wrapped_with.append(specs) or wrap(inner, specs, **kw))  # fmt: skip
     path = tmp_path / "train.json"
@@ -534,9 +535,6 @@ def test_train_step_reports_the_overhead(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.parametrize("scale, clipped", [(1.0, True), (0.3, False)])  # weights scaled: smaller gradients
 def test_the_timed_train_step_averages_its_micro_batches_and_clips_as_the_trainer_does(scale, clipped):
-    from fastavg.bench import train_step
-    from fastavg.train.model import GPT, config_for
-
     torch.manual_seed(0)
     config = config_for("nano", 256, block_size=16)
     model = GPT(config)
