@@ -355,9 +355,9 @@ def test_every_launch_names_its_fp_contraction(monkeypatch):
 
 
 @triton.jit
-def _rows_read(out, table, P_DTYPE: tl.constexpr):
+def _rows_read(out, rows, P_DTYPE: tl.constexpr):
     r = tl.program_id(0)
-    pointer, offset, length, aligned = access.row(table, r, P_DTYPE)
+    pointer, offset, length, aligned = access.row(rows, r, P_DTYPE)
     tl.store(out + r * 4 + 1, offset)
     tl.store(out + r * 4 + 2, length)
     tl.store(out + r * 4 + 3, aligned)
