@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import make_params
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastavg
@@ -108,11 +109,6 @@ def _aten_ops(step, names=None):
     return [op for op in log.ops if names is None or op[0] in names]
 
 
-def _bench_params(dtype):
-    torch.manual_seed(0)
-    return [torch.nn.Parameter(torch.randn(shape).to(dtype)) for shape in [(3, 4), (5,)]]
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(
     "update, work",
@@ -127,7 +123,7 @@ def _bench_params(dtype):
 def test_the_stock_paths_do_the_work_fastavg_is_timed_against(update, work, dtype):
     # A baseline that skipped a pass would flatter nothing but itself: each stock path runs exactly
     # the foreach ops its note names, one cast pass first where the weights are not fp32.
-    params = _bench_params(dtype)
+    params = make_params([(3, 4), (5,)], dtype)
     expected = [("_foreach_copy_",) if op == "cast" else op for op in work if op != "cast" or dtype != torch.float32]
     case = cases.stock_case(update, params, torch.float32)
     before = [p.detach().clone() for p in params]
@@ -153,14 +149,14 @@ def test_the_stock_paths_do_the_work_fastavg_is_timed_against(update, work, dtyp
 def test_every_timed_fastavg_call_does_the_whole_update(update):
     # A timed call that found nothing due (LAWA every other step, or EMA's first, copying update)
     # would time less than the update: each call runs the same foreach work as the one before.
-    step = cases.fastavg_case(update, _bench_params(torch.float32), "torch").step
+    step = cases.fastavg_case(update, make_params([(3, 4), (5,)], torch.float32), "torch").step
     calls = [[name for name, _, _ in _aten_ops(step, ("_foreach_copy_", "_foreach_lerp_"))] for _ in range(3)]
     assert calls[0] and calls[0] == calls[1] == calls[2]
     assert ("_foreach_lerp_" in calls[0]) == (update in ("ema", "swa", "all"))
 
 
 def test_the_stock_lawa_ring_takes_each_slot_in_turn():
-    params = _bench_params(torch.bfloat16)
+    params = make_params([(3, 4), (5,)], torch.bfloat16)
     step = cases.stock_case("lawa", params, torch.float32).step
     slots = [first.data_ptr() for _ in range(2 * cases.WINDOW) for _, _, first in _aten_ops(step)]
     assert len(set(slots[: cases.WINDOW])) == cases.WINDOW and slots[cases.WINDOW :] == slots[: cases.WINDOW]

@@ -354,6 +354,10 @@ def test_every_launch_names_its_fp_contraction(monkeypatch):
     assert all(meta.get("enable_fp_fusion") is table.FP_FUSION for meta in metas), metas
 
 
+# Where the small test kernels below run: compiled on a GPU, else in the interpreter.
+_KERNEL_TEST_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @triton.jit
 def _rows_read(out, rows, P_DTYPE: tl.constexpr):
     r = tl.program_id(0)
@@ -366,7 +370,7 @@ def _rows_read(out, rows, P_DTYPE: tl.constexpr):
 
 def test_a_row_reads_its_own_offset_length_and_alignment():
     # Alignment only ever picks the faster loop, so no op test sees a row that reads another's flag.
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = _KERNEL_TEST_DEVICE
     storage = torch.arange(40, dtype=torch.int32, device=dev)
     params = [storage[0:10], storage[11:16], storage[16:40]]  # aligned; misaligned; offset 15 elements
     rows = table.build_table(params, chunk=8)
@@ -387,7 +391,7 @@ def test_only_aligned_rows_take_the_unmasked_vector_loop():
     # A misaligned row in the vector loop would be promised 16-byte alignment it does not have:
     # wrong data or a fault on a GPU, unseen in the interpreter, which ignores the hints. So its
     # vector loop ends where it starts, and an aligned row's after its last full block (int64).
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = _KERNEL_TEST_DEVICE
     lengths = torch.tensor([0, 7, 1024, 4099, 4099, 2**31 + 5], device=dev)
     aligned = torch.tensor([1, 1, 1, 1, 0, 1], device=dev)
     out = torch.full_like(lengths, -1)
