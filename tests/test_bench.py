@@ -356,6 +356,8 @@ def test_a_numbered_cuda_device_becomes_the_current_one(monkeypatch):
         (["--warmup", "-1", "--quick"], "warmup"),
         (["--train-step", "--train-batch", "0"], "--train-batch and --train-accum must be >= 1"),
         (["--train-step", "--train-accum", "0"], "--train-batch and --train-accum must be >= 1"),
+        (["--train-step", "--train-preset", "gpt3"], "unknown --train-preset 'gpt3'"),
+        (["--train-step", "--train-preset", ""], "unknown --train-preset ''"),
     ],
 )
 def test_bad_options_get_clear_errors(argv, message, monkeypatch):

@@ -209,7 +209,7 @@ def run_train_step(args, device, backends, repeats, warmup) -> None:
     from ..train.model import PRESETS
     from . import train_step
 
-    preset = args.train_preset or ("gpt2" if device.type == "cuda" else "nano")
+    preset = args.train_preset if args.train_preset is not None else ("gpt2" if device.type == "cuda" else "nano")
     if preset not in PRESETS:
         raise SystemExit(f"fastavg-bench: unknown --train-preset {preset!r}; expected one of {sorted(PRESETS)}")
     accum = args.train_accum if args.train_accum is not None else (1 if preset == "nano" else 8)
