@@ -93,13 +93,23 @@ __device__ __forceinline__ M weight(const UpdateArgs& args, int k) {
   }
 }
 
+// The bytes each vector access moves, for tests/cuda_host/emulate.cpp: it counts them to check that
+// aligned rows take the vector loops and misaligned ones do not. Element by element gives the same
+// values, so nothing else in the host build would see a kernel that never vectorised, or one that
+// vectorised a misaligned row (a fault on a GPU, not on an x86 host). Nothing in the CUDA build.
+#ifndef FASTAVG_COUNT_VECTOR_BYTES
+#define FASTAVG_COUNT_VECTOR_BYTES(bytes)
+#endif
+
 template <typename T, int V>
 __device__ __forceinline__ Vec<T, V> load_vec(const T* base, int64_t i) {
+  FASTAVG_COUNT_VECTOR_BYTES(sizeof(T) * V);
   return *reinterpret_cast<const Vec<T, V>*>(base + i * V);
 }
 
 template <typename T, int V>
 __device__ __forceinline__ void store_vec(T* base, int64_t i, const Vec<T, V>& value) {
+  FASTAVG_COUNT_VECTOR_BYTES(sizeof(T) * V);
   *reinterpret_cast<Vec<T, V>*>(base + i * V) = value;
 }
 

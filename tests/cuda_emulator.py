@@ -51,6 +51,7 @@ def build(out_dir: Path) -> ctypes.CDLL:
     lib.emulate_balanced_blocks.restype = ctypes.c_int64
     lib.emulate_balanced_blocks.argtypes = [ctypes.c_int64, ctypes.c_int64]
     lib.emulate_bulk_error.restype = ctypes.c_char_p
+    lib.emulate_take_vector_bytes.restype = ctypes.c_int64
     lib.emulate_driver_copies.restype = None
     return lib
 

@@ -5,8 +5,8 @@ build cannot check (the occupancy query, streams, real memory access) is left to
 
 import pytest
 import torch
+from cuda_emulator import DEFAULT_THREADS, DEFAULT_UNROLL, build
 from cuda_emulator import backend as emulated_backend
-from cuda_emulator import build
 
 # Collected here too, with this module's `target`: the emulated kernels.
 from test_ops import (  # noqa: F401
@@ -108,3 +108,56 @@ def test_the_default_target_is_the_cuda_builds_default_launch():
     threads = re.search(r"std::atomic<int> block_threads\{(\w+)\};", launchers)[1]
     unroll = re.search(r"std::atomic<int> unroll\{(\w+)\};", launchers)[1]
     assert (named.get(threads), named.get(unroll, 1 if unroll == "1" else None)) == (DEFAULT_THREADS, DEFAULT_UNROLL)
+
+
+def _vector_bytes(table: torch.Tensor, width: int, bytes_per_element: int) -> int:
+    """What the vector loops move: the whole vectors of ``width`` elements of every aligned row."""
+    aligned = table[:, 3] != 0
+    return int((table[aligned, 2] // width * width).sum()) * bytes_per_element
+
+
+@pytest.mark.parametrize("misaligned", [False, True], ids=["aligned", "misaligned"])
+@pytest.mark.parametrize(
+    "dtype, average_dtype",
+    [(torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.float32, torch.float32),
+     (torch.float64, torch.float64)],
+    ids=str,
+)  # fmt: skip
+@pytest.mark.parametrize("threads, unroll", [(DEFAULT_THREADS, DEFAULT_UNROLL), (96, 4)], ids=["default", "96x4"])
+def test_aligned_rows_move_as_vectors_and_nothing_else_does(
+    emulator, dtype, average_dtype, misaligned, threads, unroll
+):
+    """Element by element gives the values the vector loops give, so the per-op suite would pass a
+    kernel that never took its vector loop (on a GPU, a fraction of the bandwidth) or one that took it
+    on a misaligned row (a fault on a GPU; an x86 host allows it). The emulator counts the bytes each
+    vector access moves: every aligned row's whole vectors of 16 bytes of the widest dtype touched
+    (of the parameters' where only they and rings are), in each buffer an op reads or writes."""
+    from test_ops import _bind, _params
+
+    sizes = [4101, 3, 2 * CHUNK + 14, 1]  # rows aligned and not, with whole vectors and tails of each width
+    params = _params(sizes, dtype, "cpu", misaligned=misaligned)
+    impls, flat, table = _bind(emulated_backend(emulator, 2, threads, unroll), params, "cpu")
+    n, p_bytes, a_bytes = sum(sizes), dtype.itemsize, average_dtype.itemsize
+    wide, narrow = 16 // max(p_bytes, a_bytes), 16 // p_bytes
+    averages = [torch.zeros(n, dtype=average_dtype) for _ in range(2)]
+    ring = torch.zeros(2, -(-n // 8) * 8, dtype=dtype)[:, :n]  # slots 16-byte aligned, as fastavg pads them
+    backup = torch.empty(n, dtype=dtype)
+    calls = [
+        ("update_", (averages[:1], [0.5], [], []), wide, p_bytes + 2 * a_bytes),  # EMA: p; average read, written
+        ("update_", (averages, [0.5, 0.25], [ring], [1]), wide, 2 * p_bytes + 4 * a_bytes),  # and a ring slot
+        ("update_", ([], [], [ring], [0]), narrow, 2 * p_bytes),  # LAWA alone: p into the slot
+        ("swap_in_", (backup, averages[0]), wide, 3 * p_bytes + a_bytes),  # p to backup, average to p
+        ("restore_", (backup,), narrow, 2 * p_bytes),
+        ("swap_in_ring_", (backup, ring, 2, average_dtype), narrow, 3 * p_bytes),  # the ring read element-wise
+        ("restore_", (backup,), narrow, 2 * p_bytes),
+    ]
+    emulator.emulate_take_vector_bytes()
+    for op, args, width, bytes_per_element in calls:
+        impls[op](flat, table, *args)
+        expected = _vector_bytes(table, width, bytes_per_element)
+        assert (expected == 0) == misaligned  # views one element in: no row is aligned
+        assert emulator.emulate_take_vector_bytes() == expected, op
+    # A buffer off 16 bytes takes every row off the vector loops (cuda_binding.cpp's vectors_ok).
+    impls["update_"](flat, table, [torch.zeros(n + 1, dtype=average_dtype)[1:]], [0.5], [], [])
+    impls["swap_in_"](flat, table, backup, torch.zeros(n + 1, dtype=average_dtype)[1:])
+    assert emulator.emulate_take_vector_bytes() == 0

@@ -20,7 +20,9 @@ struct Dim {
   unsigned x = 0;
 };
 Dim threadIdx, blockIdx, blockDim, gridDim;
+int64_t vector_bytes = 0;  // moved by vector accesses since emulate_take_vector_bytes last read it
 }  // namespace
+#define FASTAVG_COUNT_VECTOR_BYTES(bytes) (vector_bytes += int64_t(bytes))
 
 #include "cuda_kernels.cuh"
 #include "ring_copies.h"
@@ -251,5 +253,12 @@ void emulate_driver_copies(const void* const* params, const int64_t* bytes, int6
 int64_t emulate_balanced_blocks(int64_t items, int64_t most) { return balanced_blocks(items, most); }
 
 const char* emulate_bulk_error() { return bulk_error.c_str(); }
+
+// The bytes moved by vector loads and stores since the last call (FASTAVG_COUNT_VECTOR_BYTES).
+int64_t emulate_take_vector_bytes() {
+  const int64_t bytes = vector_bytes;
+  vector_bytes = 0;
+  return bytes;
+}
 
 }  // extern "C"
