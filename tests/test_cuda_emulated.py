@@ -15,6 +15,7 @@ from test_ops import (  # noqa: F401
     test_ring_mean_and_swap_in_ring,
     test_swap_in_and_restore,
     test_update_lerps_and_writes_ring_slots,
+    test_update_of_one_average_alone_and_with_a_ring,
     test_update_of_rings_alone,
     test_update_with_many_averages_and_rings,
     test_update_with_only_rings_or_only_averages,

@@ -75,6 +75,24 @@ def test_update_lerps_and_writes_ring_slots(sizes, dtype, misaligned, target):
     assert all(torch.equal(a, b) for a, b in zip(params, _params(sizes, dtype, dev, misaligned=misaligned)))
 
 
+@pytest.mark.parametrize("sizes", SIZES, ids=str)
+@pytest.mark.parametrize("dtype", PARAM_DTYPES, ids=str)
+def test_update_of_one_average_alone_and_with_a_ring(sizes, dtype, target):
+    """EMA alone, then beside a LAWA slot: one average is the CUDA kernels' one instance that moves
+    several vectors per thread per pass, and the test above takes three. Every element lerped once."""
+    backend, dev = target
+    params = _params(sizes, dtype, dev)
+    impls, flat, table = _bind(backend, params, dev)
+    n, p = sum(sizes), torch.cat(params).double()
+    average = _randn(n, dtype=_avg_dtype(dtype), device=dev, seed=3)
+    ring = _poison(torch.empty(2, -(-n // 8) * 8, dtype=dtype, device=dev))[:, :n]  # slots aligned, as fastavg's
+    for weight, rings in ((0.3, []), (0.7, [ring])):  # both branches of the two-sided lerp
+        before = average.to(torch.float64, copy=True)  # .double() of float64 would be the average itself
+        impls["update_"](flat, table, [average], [weight], rings, [1] * len(rings))
+        torch.testing.assert_close(average.double(), before + weight * (p - before), **TOL[average.dtype])
+    assert torch.equal(ring[1], torch.cat(params)) and ring[0].isnan().all()
+
+
 @pytest.mark.parametrize("misaligned", [False, True], ids=["aligned", "misaligned"])
 @pytest.mark.parametrize("sizes", SIZES, ids=str)
 @pytest.mark.parametrize("dtype", PARAM_DTYPES, ids=str)
