@@ -314,6 +314,8 @@ void swap_in_ring_cpu(at::TensorList params, const at::Tensor& table, const at::
   if (params.empty()) return;
   const int64_t n = total_numel(params);
   check_ring(ring, n, count, "swap_in_ring_");
+  // Read as the parameter type: another dtype's ring would be read at the wrong offsets, past its end.
+  TORCH_CHECK(ring.scalar_type() == params[0].scalar_type(), "swap_in_ring_: the ring holds the parameter dtype");
   TORCH_CHECK(backup.numel() == n && backup.is_contiguous() && backup.scalar_type() == params[0].scalar_type(),
               "swap_in_ring_: backup must be a contiguous (N,) buffer in the parameter dtype");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "swap_in_ring_", [&] {

@@ -270,6 +270,52 @@ def test_native_ops_own_checks_raise_with_their_numbers(target):
                           [0.5], [], [])  # fmt: skip
 
 
+# Buffers the native ops refuse, each beside good ones: (op, arguments after the parameters and
+# table, built by z(*shape, dtype=float32) for parameters of 5 + 3 float32 elements).
+_BAD_NATIVE_CALLS = {
+    "average too short": ("update_", lambda z: ([z(8), z(7)], [0.5, 0.5], [z(2, 8)], [0])),
+    "average strided": ("update_", lambda z: ([z(8), z(16)[::2]], [0.5, 0.5], [z(2, 8)], [0])),
+    "averages of two dtypes": ("update_", lambda z: ([z(8), z(8, dtype=torch.float64)], [0.5, 0.5], [], [])),
+    "a weight short": ("update_", lambda z: ([z(8), z(8)], [0.5], [z(2, 8)], [0])),
+    "ring too narrow": ("update_", lambda z: ([z(8)], [0.5], [z(2, 8), z(2, 7)], [0, 0])),
+    "ring of one row": ("update_", lambda z: ([z(8)], [0.5], [z(8)], [0])),
+    "ring strided": ("update_", lambda z: ([z(8)], [0.5], [z(2, 16)[:, ::2]], [0])),
+    "ring of another dtype": ("update_", lambda z: ([z(8)], [0.5], [z(2, 8, dtype=torch.float64)], [0])),
+    "slot past the window": ("update_", lambda z: ([z(8)], [0.5], [z(2, 8)], [2])),
+    "slot below 0": ("update_", lambda z: ([z(8)], [0.5], [z(2, 8)], [-1])),
+    "a slot short": ("update_", lambda z: ([z(8)], [0.5], [z(2, 8), z(2, 8)], [0])),
+    "swap_in_ backup too short": ("swap_in_", lambda z: (z(7), z(8))),
+    "swap_in_ backup of another dtype": ("swap_in_", lambda z: (z(8, dtype=torch.float64), z(8))),
+    "swap_in_ backup strided": ("swap_in_", lambda z: (z(16)[::2], z(8))),
+    "swap_in_ average too short": ("swap_in_", lambda z: (z(8), z(7))),
+    "swap_in_ average strided": ("swap_in_", lambda z: (z(8), z(16)[::2])),
+    "swap_in_ring_ ring too narrow": ("swap_in_ring_", lambda z: (z(8), z(2, 7), 1, torch.float32)),
+    "swap_in_ring_ ring of another dtype": (
+        "swap_in_ring_", lambda z: (z(8), z(2, 8, dtype=torch.float16), 1, torch.float32)),
+    "swap_in_ring_ backup too short": ("swap_in_ring_", lambda z: (z(7), z(2, 8), 1, torch.float32)),
+    "restore_ backup too short": ("restore_", lambda z: (z(7),)),
+    "restore_ backup of another dtype": ("restore_", lambda z: (z(8, dtype=torch.float64),)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(_BAD_NATIVE_CALLS))
+def test_native_ops_refuse_bad_buffers_before_writing_anything(case, target):
+    """The native ops check their buffers themselves, behind fastavg's Python layer: a ring slot past
+    the window or a buffer of the wrong size or dtype would be read or written out of bounds."""
+    backend, dev = target
+    if backend != "native":
+        pytest.skip("the native extension's own checks")
+    params = _params([5, 3], torch.float32, dev)
+    impls, flat, table = _bind(backend, params, dev)
+    op, make_arguments = _BAD_NATIVE_CALLS[case]
+    arguments = make_arguments(lambda *shape, dtype=torch.float32: torch.zeros(*shape, dtype=dtype, device=dev))
+    buffers = [t for a in arguments for t in (a if isinstance(a, list) else [a]) if isinstance(t, torch.Tensor)]
+    with pytest.raises(RuntimeError, match=rf"^{op}: "):
+        impls[op](flat, table, *arguments)
+    assert all(torch.equal(p, q) for p, q in zip(params, _params([5, 3], torch.float32, dev)))
+    assert not any(b.any() for b in buffers)  # the good buffers beside the bad one too
+
+
 def test_empty_parameters(target):
     backend, dev = target
     params = [torch.zeros(0, device=dev), torch.zeros(0, 3, device=dev)]
