@@ -263,7 +263,7 @@ def test_native_ops_own_checks_raise_with_their_numbers(target):
         pytest.skip("the native extension's own checks")
     native = resolve_backend(backend, dev).ops
     with pytest.raises(ValueError, match=r"^ring_mean_: count must be in \[1, 3\], got 0$"):
-        native["ring_mean_"](torch.empty(3, device=dev), torch.zeros(3, 3, device=dev), 0)
+        native["ring_mean_"](torch.empty(4, device=dev), torch.zeros(3, 4, device=dev), 0)  # the window, not N
     two_dtypes = [torch.zeros(4, device=dev), torch.zeros(4, dtype=torch.float64, device=dev)]
     with pytest.raises(RuntimeError, match=r"^update_: "):
         native["update_"](two_dtypes, torch.zeros(0, 4, dtype=torch.int64, device=dev), [torch.zeros(8, device=dev)],
