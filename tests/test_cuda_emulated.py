@@ -81,7 +81,7 @@ def test_rows_longer_than_a_block_stride_and_several_per_block(target):
 
 def test_pairs_the_build_lacks_are_refused(target):
     """Averages must hold the parameters exactly; the launchers compile only such pairs and refuse
-    others (fp16 averages of bf16 weights) instead of launching nothing silently."""
+    others (fp16 averages of bf16 weights, fp32 of fp64) instead of launching nothing silently."""
     backend, _ = target
     from test_ops import _bind
 
@@ -89,6 +89,10 @@ def test_pairs_the_build_lacks_are_refused(target):
     impls, flat, table = _bind(backend, params, "cpu")
     with pytest.raises(RuntimeError, match="unsupported"):
         impls["update_"](flat, table, [torch.zeros(9, dtype=torch.float16)], [0.5], [], [])
+    wide_params = [torch.randn(9, dtype=torch.float64)]
+    wide_impls, wide_flat, wide_table = _bind(backend, wide_params, "cpu")
+    with pytest.raises(RuntimeError, match="unsupported"):  # a float, a narrower one
+        wide_impls["update_"](wide_flat, wide_table, [torch.zeros(9)], [0.5], [], [])
     averages = [torch.zeros(9, dtype=torch.bfloat16), torch.zeros(9, dtype=torch.float64)]
     for average in averages:  # the same dtype, and a wider float: compiled
         impls["update_"](flat, table, [average], [1.0], [], [])
