@@ -137,7 +137,7 @@ def test_aligned_rows_move_as_vectors_and_nothing_else_does(
     on a misaligned row (a fault on a GPU; an x86 host allows it). The emulator counts the bytes each
     vector access moves: every aligned row's whole vectors of 16 bytes of the widest dtype touched
     (of the parameters' where only they and rings are), in each buffer an op reads or writes."""
-    from test_ops import _bind, _params
+    from test_ops import _aligned_ring, _bind, _params
 
     sizes = [4101, 3, 2 * CHUNK + 14, 1]  # rows aligned and not, with whole vectors and tails of each width
     params = _params(sizes, dtype, "cpu", misaligned=misaligned)
@@ -145,7 +145,7 @@ def test_aligned_rows_move_as_vectors_and_nothing_else_does(
     n, p_bytes, a_bytes = sum(sizes), dtype.itemsize, average_dtype.itemsize
     wide, narrow = 16 // max(p_bytes, a_bytes), 16 // p_bytes
     averages = [torch.zeros(n, dtype=average_dtype) for _ in range(2)]
-    ring = torch.zeros(2, -(-n // 8) * 8, dtype=dtype)[:, :n]  # slots 16-byte aligned, as fastavg pads them
+    ring = _aligned_ring(2, n, dtype)
     backup = torch.empty(n, dtype=dtype)
     calls = [
         ("update_", (averages[:1], [0.5], [], []), wide, p_bytes + 2 * a_bytes),  # EMA: p; average read, written

@@ -42,6 +42,12 @@ def _randn(*shape, dtype=torch.float32, device="cpu", seed=1):
     return torch.randn(*shape, generator=g, dtype=torch.float64).to(device, dtype)
 
 
+def _aligned_ring(window, n, dtype, device="cpu"):
+    """A zeroed (window, n) ring whose slots start 16-byte aligned: rows padded to 8 elements, as
+    fastavg's own rings are (averager._Average)."""
+    return torch.zeros(window, -(-n // 8) * 8, dtype=dtype, device=device)[:, :n]
+
+
 def _avg_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -85,7 +91,7 @@ def test_update_of_one_average_alone_and_with_a_ring(sizes, dtype, target):
     impls, flat, table = _bind(backend, params, dev)
     n, p = sum(sizes), torch.cat(params).double()
     average = _randn(n, dtype=_avg_dtype(dtype), device=dev, seed=3)
-    ring = _poison(torch.empty(2, -(-n // 8) * 8, dtype=dtype, device=dev))[:, :n]  # slots aligned, as fastavg's
+    ring = _poison(_aligned_ring(2, n, dtype, dev))
     for weight, rings in ((0.3, []), (0.7, [ring])):  # both branches of the two-sided lerp
         before = average.to(torch.float64, copy=True)  # .double() of float64 would be the average itself
         impls["update_"](flat, table, [average], [weight], rings, [1] * len(rings))
