@@ -129,9 +129,9 @@ if ! skip train-step && t=$(limit train-step 60 40); then
   echo "== train step" && timeout "$t" "$PY" -m fastavg.bench --train-step --repeats 5 --warmup 2 --json "$OUT/bench_train_step.json" 2>&1 | tee -a "$OUT/tests.log"
 fi
 stage_done train-step
-# Only with their whole time left (CI runs these too).
+# Only with their whole time left (CI runs these too, and the slow ones: the sanitizer builds).
 if ! skip cpu-tests && t=$(limit cpu-tests 40 40); then
-  echo "== cpu tests (torch $("$PY" -c 'import torch; print(torch.__version__)'))" && timeout "$t" "$PY" -m pytest -q -rf -p no:cacheprovider -m "not cuda" $workers 2>&1 | grep -E "^FAILED|passed|failed" | tee -a "$OUT/tests.log"
+  echo "== cpu tests (torch $("$PY" -c 'import torch; print(torch.__version__)'))" && timeout "$t" "$PY" -m pytest -q -rf -p no:cacheprovider -m "not cuda and not slow" $workers 2>&1 | grep -E "^FAILED|passed|failed" | tee -a "$OUT/tests.log"
 fi
 stage_done cpu-tests
 

@@ -6,11 +6,15 @@ import os
 
 import pytest
 import torch
+from sanitizers import use_native_library_from_environment
 
 # Without a GPU, Triton's kernels run on CPU tensors in its interpreter; that is decided when the
 # kernels are defined, so it must be set before fastavg imports them.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# test_sanitizers.py's child run: fastavg._C is the sanitized build it names.
+use_native_library_from_environment()
 
 import fastavg  # noqa: E402
 

@@ -9,8 +9,10 @@ import ctypes
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
+import sanitizers
 import torch
 
 from fastavg.ops import Backend, update_launches
@@ -20,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "tests" / "cuda_host" / "emulate.cpp"
 CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}  # csrc/ops_cuda.h's Dtype
 MAX_AVERAGES, MAX_RINGS = 4, 2  # csrc/ops_cuda.h
+EMULATOR_LIBRARY_VARIABLE = "FASTAVG_TEST_EMULATOR_LIBRARY"
 THREADS = 256  # csrc/cuda_kernels.cuh's kThreads: ring_mean_'s always, the most of the others
 DEFAULT_THREADS, DEFAULT_UNROLL = 128, 2  # ops_cuda.cu's defaults for update and swap launches
 
@@ -37,16 +40,32 @@ def cuda_include() -> Path | None:
 
 
 def build(out_dir: Path) -> ctypes.CDLL:
-    """Compile the emulator with the host compiler; raises RuntimeError with the reason if it cannot."""
-    include, compiler = cuda_include(), shutil.which(os.environ.get("CXX", "g++"))
+    """Compile the emulator with the host compiler; raises RuntimeError with the reason if it cannot.
+    Where FASTAVG_TEST_EMULATOR_LIBRARY names a library built already (test_sanitizers.py's child
+    run, on a sanitized build), that one is loaded instead."""
+    prebuilt = os.environ.get(EMULATOR_LIBRARY_VARIABLE)
+    if prebuilt:
+        print(f"{sanitizers.LOADED} {prebuilt}", file=sys.stderr)  # the parent checks that the child ran it
+    return load(Path(prebuilt) if prebuilt else compile_library(out_dir))
+
+
+def compile_library(out_dir: Path, flags: tuple[str, ...] = ("-O1",)) -> Path:
+    """The emulator's shared library, compiled into ``out_dir`` with ``flags`` (sanitizers.FLAGS for
+    a sanitized build); RuntimeError with the reason if it cannot be."""
+    include, compiler = cuda_include(), sanitizers.compiler()
     if include is None or compiler is None:
         raise RuntimeError(f"needs a C++ compiler ({compiler}) and the CUDA headers ({include})")
     library = out_dir / "fastavg_cuda_emulated.so"
-    command = [compiler, "-std=c++17", "-O1", "-shared", "-fPIC", "-I", str(ROOT / "csrc"), "-I", str(include),
+    command = [compiler, "-std=c++17", *flags, "-shared", "-fPIC", "-I", str(ROOT / "csrc"), "-I", str(include),
                str(SOURCE), "-o", str(library)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     if result.returncode != 0:
         raise RuntimeError(f"emulator build failed:\n{result.stderr[-3000:]}")
+    return library
+
+
+def load(library: Path) -> ctypes.CDLL:
+    """The emulator's library, its functions' return and argument types declared."""
     lib = ctypes.CDLL(str(library))
     lib.emulate_balanced_blocks.restype = ctypes.c_int64
     lib.emulate_balanced_blocks.argtypes = [ctypes.c_int64, ctypes.c_int64]
