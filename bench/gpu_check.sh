@@ -15,7 +15,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$(mktemp -d)}
 PY=${PYTHON:-python3}
-# Stages to leave out, for a short second call: SKIP="minimal-probe bench train-step step-overhead sweep cpu-tests".
+# Stages to leave out, for a short second call: SKIP="minimal-probe bench train-step step-overhead sweep memcheck cpu-tests".
 SKIP=${SKIP:-}
 skip() { [[ " $SKIP " == *" $1 "* ]] && echo "== $1 skipped (SKIP)"; }
 export PYTHONUNBUFFERED=1
@@ -129,6 +129,19 @@ if ! skip train-step && t=$(limit train-step 60 40); then
   echo "== train step" && timeout "$t" "$PY" -m fastavg.bench --train-step --repeats 5 --warmup 2 --json "$OUT/bench_train_step.json" 2>&1 | tee -a "$OUT/tests.log"
 fi
 stage_done train-step
+# The per-op suite's CUDA cases (native and Triton) under compute-sanitizer's memcheck: a read or
+# write past a tensor on the device, or a misaligned vector, that the values checked do not show.
+# CI runs the CPU kernels and a host build of the CUDA kernels under ASan and UBSan
+# (tests/test_sanitizers.py); only this sees the device. Without torch's caching allocator each
+# tensor is an allocation of its own, so an access past one is out of bounds. Exit 3: memcheck
+# reported errors; 1: a test failed; 124: out of time. tests.log holds what it printed.
+if ! skip memcheck && t=$(limit memcheck 90 30); then
+  sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
+  echo "== memcheck" && PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$t" "$sanitizer" --tool memcheck --error-exitcode 3 \
+    "$PY" -m pytest -q -x -p no:cacheprovider -m cuda tests/test_ops.py 2>&1 | tail -40 | tee -a "$OUT/tests.log"
+  echo "memcheck of the per-op suite's CUDA cases: exit ${PIPESTATUS[0]}" | tee -a "$log"
+fi
+stage_done memcheck
 # Only with their whole time left (CI runs these too, and the slow ones: the sanitizer builds).
 if ! skip cpu-tests && t=$(limit cpu-tests 40 40); then
   echo "== cpu tests (torch $("$PY" -c 'import torch; print(torch.__version__)'))" && timeout "$t" "$PY" -m pytest -q -rf -p no:cacheprovider -m "not cuda and not slow" $workers 2>&1 | grep -E "^FAILED|passed|failed" | tee -a "$OUT/tests.log"
@@ -200,6 +213,7 @@ try:
     summary["build"] = [l for l in install_log if l.startswith("install + native build")]
     summary["native_error_probes"] = [l for l in install_log if l.startswith("native error probe")]
     summary["bulk_probe"] = [l for l in install_log if l.startswith(("bulk probe", "driver copy probe"))]
+    summary["memcheck"] = [l for l in install_log if l.startswith(("memcheck", "== memcheck skipped"))]
     # Only our own lines: the log also holds pip's and the compiler's output.
     stages = (re.fullmatch(r"stage ([\w-]+): (\d+) s", l) for l in install_log)
     summary["stage_s"] = {m[1]: int(m[2]) for m in stages if m}

@@ -1088,6 +1088,7 @@ def test_gpu_check_script_parses_and_summarises_a_run(tmp_path):
         "install + native build: 31 s\nstage install: 40 s\nstage 1 of the build\nstage bench: 71 s\n"
         "bulk probe: ok, 170113 elements into 1 and 2 rings by the TMA's bulk copies in 0.41 s\n"
         "driver copy probe: FAILED, invalid argument (mode 1, 1 ring(s))\n"
+        "memcheck of the per-op suite's CUDA cases: exit 0\n"
     )
     sweep_lines = [
         "lawa     native T=128 x2                             0.1320     3767   90.2%",
@@ -1113,6 +1114,7 @@ def test_gpu_check_script_parses_and_summarises_a_run(tmp_path):
         "bulk probe: ok, 170113 elements into 1 and 2 rings by the TMA's bulk copies in 0.41 s",
         "driver copy probe: FAILED, invalid argument (mode 1, 1 ring(s))",
     ]
+    assert summary["memcheck"] == ["memcheck of the per-op suite's CUDA cases: exit 0"]
     # Host times: the rows that have them (run 5's records predate them).
     assert summary["fastavg_host_ms"]["fastavg-native T=128 lawa bfloat16"] == 0.071
     assert "fastavg-native lawa bfloat16" not in summary["fastavg_host_ms"]
