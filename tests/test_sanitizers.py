@@ -18,9 +18,12 @@ pytestmark = [
     pytest.mark.skipif(sys.platform != "linux", reason="the child preloads the sanitizers' runtime (LD_PRELOAD)"),
 ]
 PYTEST = ["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-s"]  # -s: the report reaches the parent
-# Every test that runs the native ops on CPU tensors (the "native" parameter of the backend fixtures).
+# The tests of the native ops on CPU tensors (the "native" parameter of the backend fixtures), and the
+# bad input and random shapes of test_bad_input and test_properties, which reach them through
+# backend="auto" (native, on CPU tensors).
 NATIVE_TESTS = ["tests/test_ops.py", "tests/test_optimizer.py", "tests/test_state_dict.py", "tests/test_averaged.py",
-                "tests/test_precision.py", "tests/test_formulas.py", "tests/test_backends.py", "-k", "native"]  # fmt: skip
+                "tests/test_precision.py", "tests/test_formulas.py", "tests/test_backends.py", "tests/test_bad_input.py",
+                "tests/test_properties.py", "-k", "native or test_bad_input or test_properties"]  # fmt: skip
 # One wrong access of each kind the sanitizers are here for; `fine` makes none.
 FAULTS = """
 #include <vector>
