@@ -20,8 +20,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # -O1 -g: reports with source lines at a bearable speed. No recovery: the first report ends the
-# child with a failing exit, so no error scrolls past.
-FLAGS = ("-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fno-sanitize-recover=all")
+# child with a failing exit, so no error scrolls past. _GLIBCXX_ASSERTIONS checks std::vector's
+# operator[] (an index past size() but within capacity() is no ASan error).
+FLAGS = ("-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
+         "-D_GLIBCXX_ASSERTIONS")  # fmt: skip
 CHILD_OPTIONS = {
     "ASAN_OPTIONS": "detect_leaks=0:halt_on_error=1",  # the interpreter and torch leave allocations at exit
     "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1",
