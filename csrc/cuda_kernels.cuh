@@ -100,6 +100,11 @@ __device__ __forceinline__ M weight(const UpdateArgs& args, int k) {
 #ifndef FASTAVG_COUNT_VECTOR_BYTES
 #define FASTAVG_COUNT_VECTOR_BYTES(bytes)
 #endif
+// And the Unroll instance each update and swap kernel launch runs, for the same file: a launcher
+// that ignored set_unroll gives the same values, and the benchmark's "x4" rows would time x1.
+#ifndef FASTAVG_NOTE_UNROLL
+#define FASTAVG_NOTE_UNROLL(unroll)
+#endif
 
 template <typename T, int V>
 __device__ __forceinline__ Vec<T, V> load_vec(const T* base, int64_t i) {
@@ -171,6 +176,7 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const __grid_constant_
   using M = Math<A>;
   constexpr int V = NA > 0 ? kAccessWidth<P, A> : kAccessWidth<P, P>;
   constexpr int U = kVectorsPerPass<V, NA> * Unroll;
+  FASTAVG_NOTE_UNROLL(Unroll);
   for (int64_t r = blockIdx.x; r < args.rows; r += gridDim.x) {
     const int64_t* row = args.table + 4 * r;
     const P* p = reinterpret_cast<const P*>(row[0]);
@@ -437,6 +443,7 @@ __global__ void __launch_bounds__(kThreads) swap_kernel(const int64_t* table, in
                                                         bool vectors_ok) {
   constexpr int V = Mode == 0 ? kAccessWidth<P, A> : kAccessWidth<P, P>;
   constexpr int U = kVectorsPerPass<V, 1> * Unroll;
+  FASTAVG_NOTE_UNROLL(Unroll);
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const int64_t* row = table + 4 * r;
     P* p = reinterpret_cast<P*>(row[0]);

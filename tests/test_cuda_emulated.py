@@ -166,3 +166,32 @@ def test_aligned_rows_move_as_vectors_and_nothing_else_does(
     impls["update_"](flat, table, [torch.zeros(n + 1, dtype=average_dtype)[1:]], [0.5], [], [])
     impls["swap_in_"](flat, table, backup, torch.zeros(n + 1, dtype=average_dtype)[1:])
     assert emulator.emulate_take_vector_bytes() == 0
+
+
+@pytest.mark.parametrize("unroll", [1, 2, 4])
+def test_unroll_applies_to_lawa_alone_and_to_swaps_of_an_average_or_the_backup(emulator, unroll):
+    """set_unroll picks the kernel instance of ring-only updates and of swap modes 0 and 2; updates
+    with averages and swap-ins from a ring have one instance (Unroll 1). Every instance gives the same
+    values, so only the emulator's note of the instance launched (FASTAVG_NOTE_UNROLL) tells a
+    launcher that ignored the setting, whose "x4" benchmark rows would time x1."""
+    from test_ops import _aligned_ring, _bind, _params
+
+    sizes = [4101, 3]
+    impls, flat, table = _bind(
+        emulated_backend(emulator, 2, DEFAULT_THREADS, unroll), _params(sizes, torch.bfloat16, "cpu"), "cpu"
+    )
+    n = sum(sizes)
+    average, ring, backup = torch.zeros(n), _aligned_ring(2, n, torch.bfloat16), torch.empty(n, dtype=torch.bfloat16)
+    calls = [
+        ("update_", ([average], [0.5], [], []), 1),
+        ("update_", ([average], [0.5], [ring], [0]), 1),
+        ("update_", ([], [], [ring], [1]), unroll),  # LAWA alone
+        ("swap_in_", (backup, average), unroll),
+        ("restore_", (backup,), unroll),
+        ("swap_in_ring_", (backup, ring, 2, torch.float32), 1),
+        ("restore_", (backup,), unroll),
+    ]
+    emulator.emulate_take_unroll()
+    for op, args, expected in calls:
+        impls[op](flat, table, *args)
+        assert emulator.emulate_take_unroll() == expected, op

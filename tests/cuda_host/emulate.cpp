@@ -21,8 +21,10 @@ struct Dim {
 };
 Dim threadIdx, blockIdx, blockDim, gridDim;
 int64_t vector_bytes = 0;  // moved by vector accesses since emulate_take_vector_bytes last read it
+int noted_unroll = 0;      // the Unroll of the update or swap kernel launched last, 0 after emulate_take_unroll
 }  // namespace
 #define FASTAVG_COUNT_VECTOR_BYTES(bytes) (vector_bytes += int64_t(bytes))
+#define FASTAVG_NOTE_UNROLL(unroll) (noted_unroll = (unroll))
 
 #include "cuda_kernels.cuh"
 #include "ring_copies.h"
@@ -259,6 +261,14 @@ int64_t emulate_take_vector_bytes() {
   const int64_t bytes = vector_bytes;
   vector_bytes = 0;
   return bytes;
+}
+
+// The Unroll instance of the update or swap kernel launched since the last call (FASTAVG_NOTE_UNROLL);
+// 0 if none ran (bulk_ring_kernel, ring_mean_kernel and the driver's copies note nothing).
+int emulate_take_unroll() {
+  const int unroll = noted_unroll;
+  noted_unroll = 0;
+  return unroll;
 }
 
 }  // extern "C"
