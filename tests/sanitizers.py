@@ -73,12 +73,8 @@ def build_native(out_dir: Path) -> Path:
     if errors:
         raise RuntimeError("sanitized build of fastavg._C failed:\n" + errors[0][-3000:])
     library = out_dir / "_C.so"
-    libraries = [f"-L{p}" for p in cpp_extension.library_paths()] + [
-        "-lc10",
-        "-ltorch",
-        "-ltorch_cpu",
-        "-ltorch_python",
-    ]
+    search = [f"-L{p}" for p in cpp_extension.library_paths()]
+    libraries = [*search, "-lc10", "-ltorch", "-ltorch_cpu", "-ltorch_python"]  # what torch's own extensions link
     link = subprocess.run([*common, "-shared", *map(str, objects), *libraries, "-o", str(library)],
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     if link.returncode:
