@@ -59,9 +59,10 @@ def target(request, emulator):
     return backend, "cpu"
 
 
-# (2, 3) and (5, 2): two rows, and two slots, the least that the clamps to 1 must leave alone.
+# (1056, 1056): as many rows as slots, one round, not two. (2, 3) and (5, 2): two rows, and two
+# slots, the least that the clamps to 1 must leave alone.
 @pytest.mark.parametrize(
-    "items, most", [(1995, 1056), (1995, 792), (1, 3), (0, 3), (7, 1), (1057, 1056), (2, 3), (5, 2)]
+    "items, most", [(1995, 1056), (1995, 792), (1, 3), (0, 3), (7, 1), (1057, 1056), (1056, 1056), (2, 3), (5, 2)]
 )
 def test_balanced_blocks_matches_the_triton_grid(emulator, items, most):
     from fastavg.kernels.table import balanced_grid
