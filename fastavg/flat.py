@@ -170,13 +170,13 @@ def check_average_dtype(dtype, param_dtypes: Iterable[torch.dtype]) -> None:
             "use float32 (the default for them) or another float of 16 bits or more"
         )
     for param_dtype in param_dtypes:
-        if not _holds_exactly(dtype, param_dtype):
+        if not holds_exactly(dtype, param_dtype):
             raise ValueError(
                 f"dtype {dtype} is narrower than the parameters' {param_dtype}; averages must be at least as wide"
             )
 
 
-def _holds_exactly(wide: torch.dtype, narrow: torch.dtype) -> bool:
+def holds_exactly(wide: torch.dtype, narrow: torch.dtype) -> bool:
     """Whether ``wide`` holds every value of ``narrow``: as many significant bits, as large a maximum,
     and a step at the bottom of its range (its smallest subnormal) that divides ``narrow``'s."""
     # Not torch.promote_types: it refuses every pair with a float8 dtype, float32 included.

@@ -11,6 +11,8 @@ import warnings
 
 import torch
 
+from .flat import holds_exactly
+
 FORMAT_VERSION = 1
 # Hyper-parameters that may change between save and load (the loading wrapper's own apply).
 _SOFT_FIELDS = ("decay", "every", "start", "power", "inv_gamma")
@@ -71,7 +73,7 @@ def validate(averager, sd) -> dict:
     if not isinstance(saved, dict) or sorted(saved) != sorted(ours["averages"]):
         got = sorted(saved) if isinstance(saved, dict) else saved
         _fail(f"the state dict holds averages {got}, this optimizer keeps {sorted(ours['averages'])}")
-    plan = {"step": sd["step"], "averages": {}, "changed": []}
+    plan = {"step": sd["step"], "averages": {}, "changed": [], "narrowed": []}
     for name, mine in ours["averages"].items():
         theirs = saved[name]
         if theirs.get("kind") != mine["kind"]:
@@ -99,6 +101,12 @@ def validate(averager, sd) -> dict:
                 )
             if source.is_meta:  # torch.load(..., map_location="meta"): apply() would fail halfway
                 _fail(f"average {name!r}, parameter {pname!r}: the tensor is on the meta device and holds no values")
+        # Rounded, not refused (a run resumed with another dtype= or other weights' dtype), but said.
+        narrowed = sorted(
+            {f"{s.dtype} -> {t.dtype}" for t, s in zip(mine["tensors"], tensors) if not holds_exactly(t.dtype, s.dtype)}
+        )
+        if narrowed:
+            plan["narrowed"].append(f"{name}: " + ", ".join(narrowed))
         changed = [f for f in _SOFT_FIELDS if f in mine["spec"] and spec.get(f) != mine["spec"][f]]
         if changed:
             plan["changed"].append(
@@ -116,6 +124,12 @@ def apply(averager, plan: dict) -> None:
                 target.copy_(source)  # casts and moves across devices as needed
             averager._averages[name].n = n
     averager._t = plan["step"]
+    if plan["narrowed"]:
+        warnings.warn(
+            "fastavg: the state dict holds averages in a dtype this wrapper's buffers cannot hold exactly; "
+            "they were rounded on load (" + "; ".join(plan["narrowed"]) + ")",
+            stacklevel=3,
+        )
     if plan["changed"]:
         warnings.warn(
             "fastavg: the state dict was saved with other averaging hyper-parameters; this wrapper's own "

@@ -10,7 +10,7 @@ from helpers import make_params, run
 
 import fastavg
 from fastavg import EMA, LAWA, SWA
-from fastavg.flat import _holds_exactly
+from fastavg.flat import holds_exactly
 
 
 @pytest.mark.parametrize(
@@ -80,10 +80,10 @@ def test_the_width_rule_accepts_a_dtype_exactly_when_it_holds_every_value():
         values = values[values.isfinite()]
         for dtype in wide:
             exact = torch.equal(values.to(dtype).double(), values)
-            assert _holds_exactly(dtype, narrow) == exact, (dtype, narrow)
+            assert holds_exactly(dtype, narrow) == exact, (dtype, narrow)
     for narrow in wide:  # among these, the rule is torch's type promotion
         for dtype in wide:
-            assert _holds_exactly(dtype, narrow) == (torch.promote_types(narrow, dtype) == dtype), (dtype, narrow)
+            assert holds_exactly(dtype, narrow) == (torch.promote_types(narrow, dtype) == dtype), (dtype, narrow)
 
 
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=str)

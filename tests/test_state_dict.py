@@ -400,3 +400,37 @@ def test_state_dict_moves_between_cuda_and_cpu():
     opt3.load_state_dict(back)
     for name in SPECS:
         assert all(torch.equal(a, b) for a, b in zip(opt3.averaged_params(name), opt.averaged_params(name)))
+
+
+def test_averages_rounded_on_load_warn_and_widened_ones_do_not():
+    """Averages saved in float64 (dtype=torch.float64) load into float32 buffers, and a float32 LAWA
+    ring into bfloat16 parameters' ring, rounded: allowed (a run resumed with other dtypes), but not
+    silently. Widening loads are exact and say nothing."""
+    torch.manual_seed(0)
+    specs = {"ema": EMA(0.9), "lawa": LAWA(window=2, every=1)}
+
+    def averager(param_dtype, average_dtype):
+        params = [torch.randn(7, dtype=torch.float32).to(param_dtype), torch.randn(3, 2).to(param_dtype)]
+        return fastavg.Averager(params, specs, dtype=average_dtype), params
+
+    wide, params = averager(torch.float32, torch.float64)
+    for _ in range(3):
+        for p in params:
+            p.add_(torch.randn_like(p) / 3)
+        wide.step()
+    sd = roundtrip(wide.state_dict())
+
+    narrow, _ = averager(torch.bfloat16, None)  # float32 averages, a bfloat16 ring
+    with pytest.warns(UserWarning, match="rounded") as caught:
+        narrow.load_state_dict(sd)
+    message = str(caught[0].message)
+    assert "ema: torch.float64 -> torch.float32" in message and "lawa: torch.float32 -> torch.bfloat16" in message
+    assert caught[0].filename == __file__
+    for n in ("ema", "lawa"):
+        for got, saved in zip(narrow.averaged_params(n), wide.averaged_params(n)):
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got, saved.float(), rtol=1e-2, atol=1e-2)
+
+    wider, _ = averager(torch.float32, torch.float64)
+    wider.load_state_dict(roundtrip(narrow.state_dict()))  # float32 into float64, bfloat16 into float32: exact
+    assert all(torch.equal(a, b.double()) for a, b in zip(wider.averaged_params("ema"), narrow.averaged_params("ema")))
