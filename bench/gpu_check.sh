@@ -135,11 +135,27 @@ stage_done train-step
 # (tests/test_sanitizers.py); only this sees the device. Without torch's caching allocator each
 # tensor is an allocation of its own, so an access past one is out of bounds. Exit 3: memcheck
 # reported errors; 1: a test failed; 124: out of time. tests.log holds what it printed.
+# The image has it (device/KINDS.md), but not necessarily on the PATH: also look beside nvcc and in
+# CUDA's usual homes, and say so when there is none (a missing one read as "exit 127" before).
+find_sanitizer() {
+  command -v compute-sanitizer && return
+  local nvcc_home home candidate
+  nvcc_home=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc || echo /none/bin/nvcc)")")")
+  for home in "${CUDA_HOME:-}" "$nvcc_home" /usr/local/cuda; do
+    for candidate in "$home/bin/compute-sanitizer" "$home/compute-sanitizer/compute-sanitizer"; do
+      [ -n "$home" ] && [ -x "$candidate" ] && echo "$candidate" && return
+    done
+  done
+  return 1
+}
 if ! skip memcheck && t=$(limit memcheck 90 30); then
-  sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
-  echo "== memcheck" && PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$t" "$sanitizer" --tool memcheck --error-exitcode 3 \
-    "$PY" -m pytest -q -x -p no:cacheprovider -m cuda tests/test_ops.py 2>&1 | tail -40 | tee -a "$OUT/tests.log"
-  echo "memcheck of the per-op suite's CUDA cases: exit ${PIPESTATUS[0]}" | tee -a "$log"
+  if sanitizer=$(find_sanitizer); then
+    echo "== memcheck ($sanitizer)" && PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$t" "$sanitizer" --tool memcheck --error-exitcode 3 \
+      "$PY" -m pytest -q -x -p no:cacheprovider -m cuda tests/test_ops.py 2>&1 | tail -40 | tee -a "$OUT/tests.log"
+    echo "memcheck of the per-op suite's CUDA cases: exit ${PIPESTATUS[0]}" | tee -a "$log"
+  else
+    echo "== memcheck skipped: no compute-sanitizer on the PATH, beside nvcc, in \$CUDA_HOME or /usr/local/cuda" | tee -a "$log"
+  fi
 fi
 stage_done memcheck
 # Only with their whole time left (CI runs these too, and the slow ones: the sanitizer builds).

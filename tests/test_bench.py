@@ -1149,6 +1149,50 @@ def test_gpu_check_cuts_each_stage_to_what_is_left_of_the_call(tmp_path, elapsed
         assert result.returncode == 0 and int(expected) - 1 <= int(result.stdout) <= int(expected)
 
 
+@pytest.mark.parametrize("where", ["nowhere", "path", "cuda_home", "beside nvcc"])
+def test_gpu_check_finds_compute_sanitizer_or_says_there_is_none(tmp_path, where):
+    """gpu_check.sh's find_sanitizer(), for the memcheck stage: compute-sanitizer on the PATH, in
+    $CUDA_HOME (bin/ or the toolkit's compute-sanitizer/ folder) or beside a linked nvcc; where there
+    is none it fails, and the stage says it was skipped (a missing one read as "exit 127" before)."""
+    import os
+    import pathlib
+    import shutil
+    import subprocess
+
+    script = (pathlib.Path(__file__).resolve().parent.parent / "bench" / "gpu_check.sh").read_text()
+    start = script.index("find_sanitizer() {")
+    function = script[start : script.index("\n}\n", start) + 2]
+    tools = tmp_path / "tools"  # the PATH: the two commands the function uses, and what each case adds
+    tools.mkdir()
+    for name in ("dirname", "readlink"):
+        (tools / name).symlink_to(shutil.which(name))
+    home = tmp_path / "cuda"
+    env = {"PATH": str(tools), "CUDA_HOME": ""}
+
+    def executable(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("#!/bin/sh\n")
+        path.chmod(0o755)
+        return str(path)
+
+    expected = None
+    if where == "path":
+        expected = executable(tools / "compute-sanitizer")
+    elif where == "cuda_home":
+        expected, env["CUDA_HOME"] = executable(home / "compute-sanitizer" / "compute-sanitizer"), str(home)
+    elif where == "beside nvcc":  # nvcc reached through a link, as /usr/local/bin/nvcc can be
+        (tools / "nvcc").symlink_to(executable(home / "bin" / "nvcc"))
+        expected = executable(home / "bin" / "compute-sanitizer")
+    if expected is None and os.access("/usr/local/cuda/bin/compute-sanitizer", os.X_OK):
+        expected = "/usr/local/cuda/bin/compute-sanitizer"  # the last place looked: a real toolkit here
+    result = subprocess.run([shutil.which("bash"), "-c", f"{function}\nfind_sanitizer"], capture_output=True,
+                            text=True, env=env)  # fmt: skip
+    if expected is None:
+        assert result.returncode == 1 and result.stdout == ""
+    else:
+        assert result.returncode == 0 and result.stdout.strip() == expected
+
+
 @pytest.mark.parametrize("argv, name", [([], "bulk probe"), (["--driver-copies"], "driver copy probe")])
 def test_bulk_probe_has_nothing_to_probe_without_a_gpu(capsys, argv, name):
     """bench/bulk_probe.py (run by gpu_check.sh before anything uses the TMA's or the driver's
