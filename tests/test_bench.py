@@ -1125,6 +1125,15 @@ def test_gpu_check_script_parses_and_summarises_a_run(tmp_path):
     assert "no bench results" in summary["bench"] and "native_pct_of_copy_by_launch" not in summary
 
 
+def _gpu_check_function(name: str) -> str:
+    """The text of shell function ``name`` in bench/gpu_check.sh, to run alone under bash."""
+    import pathlib
+
+    script = (pathlib.Path(__file__).resolve().parent.parent / "bench" / "gpu_check.sh").read_text()
+    start = script.index(f"{name}() {{")
+    return script[start : script.index("\n}\n", start) + 2]
+
+
 @pytest.mark.parametrize(
     "elapsed, stage_limit, minimum, expected",
     [(0, 150, "", "150"), (300, 150, "", "95"), (390, 40, "40", None), (395, 90, "20", None), (380, 60, "", "15")],
@@ -1133,12 +1142,9 @@ def test_gpu_check_cuts_each_stage_to_what_is_left_of_the_call(tmp_path, elapsed
     """gpu_check.sh's limit(): a stage gets its own limit or what is left of CALL_S less 25 s for the
     summary, whichever is less, and is skipped (saying so, in the install log too) below its minimum
     (10 s unless given), so that a run's summary is written inside the device tool's limit."""
-    import pathlib
     import subprocess
 
-    script = (pathlib.Path(__file__).resolve().parent.parent / "bench" / "gpu_check.sh").read_text()
-    start = script.index("limit() {")
-    function = script[start : script.index("\n}\n", start) + 2]
+    function = _gpu_check_function("limit")
     log = tmp_path / "log"
     code = f"log={log}; CALL_S=420; started=$(( $(date +%s) - {elapsed} ))\n{function}\nlimit a-stage {stage_limit} {minimum}"
     result = subprocess.run(["bash", "-c", code], capture_output=True, text=True)
@@ -1155,13 +1161,10 @@ def test_gpu_check_finds_compute_sanitizer_or_says_there_is_none(tmp_path, where
     $CUDA_HOME (bin/ or the toolkit's compute-sanitizer/ folder) or beside a linked nvcc; where there
     is none it fails, and the stage says it was skipped (a missing one read as "exit 127" before)."""
     import os
-    import pathlib
     import shutil
     import subprocess
 
-    script = (pathlib.Path(__file__).resolve().parent.parent / "bench" / "gpu_check.sh").read_text()
-    start = script.index("find_sanitizer() {")
-    function = script[start : script.index("\n}\n", start) + 2]
+    function = _gpu_check_function("find_sanitizer")
     tools = tmp_path / "tools"  # the PATH: the two commands the function uses, and what each case adds
     tools.mkdir()
     for name in ("dirname", "readlink"):
