@@ -140,8 +140,9 @@ stage_done step-overhead
 # CUDA's usual homes, and say so when there is none (a missing one read as "exit 127" before).
 find_sanitizer() {
   command -v compute-sanitizer && return
-  local nvcc_home home candidate
-  nvcc_home=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc || echo /none/bin/nvcc)")")")
+  local nvcc nvcc_home="" home candidate
+  # Without nvcc there is no home beside it (a made-up path would resolve to "." and search the cwd).
+  nvcc=$(command -v nvcc) && nvcc_home=$(dirname "$(dirname "$(readlink -f "$nvcc")")")
   for home in "${CUDA_HOME:-}" "$nvcc_home" /usr/local/cuda; do
     for candidate in "$home/bin/compute-sanitizer" "$home/compute-sanitizer/compute-sanitizer"; do
       [ -n "$home" ] && [ -x "$candidate" ] && echo "$candidate" && return

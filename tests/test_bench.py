@@ -1178,6 +1178,7 @@ def test_gpu_check_finds_compute_sanitizer_or_says_there_is_none(tmp_path, where
         path.chmod(0o755)
         return str(path)
 
+    executable(tmp_path / "bin" / "compute-sanitizer")  # in the cwd: never a place to look
     expected = None
     if where == "path":
         expected = executable(tools / "compute-sanitizer")
@@ -1189,7 +1190,7 @@ def test_gpu_check_finds_compute_sanitizer_or_says_there_is_none(tmp_path, where
     if expected is None and os.access("/usr/local/cuda/bin/compute-sanitizer", os.X_OK):
         expected = "/usr/local/cuda/bin/compute-sanitizer"  # the last place looked: a real toolkit here
     result = subprocess.run([shutil.which("bash"), "-c", f"{function}\nfind_sanitizer"], capture_output=True,
-                            text=True, env=env)  # fmt: skip
+                            text=True, env=env, cwd=tmp_path)  # fmt: skip
     if expected is None:
         assert result.returncode == 1 and result.stdout == ""
     else:
