@@ -322,6 +322,42 @@ def test_native_ops_refuse_bad_buffers_before_writing_anything(case, target):
     assert not any(b.any() for b in buffers)  # the good buffers beside the bad one too
 
 
+# One buffer on a GPU other than the group's, beside good ones: the CUDA ops would reach it through
+# its address there, an illegal access where peer access is off. (op, arguments after the
+# parameters and table, from z and o: zeros on the group's GPU and on the other one.)
+_OTHER_GPU_CALLS = {
+    "an average": ("update_", lambda z, o: ([z(8), o(8)], [0.5, 0.5], [], [])),
+    "a ring": ("update_", lambda z, o: ([z(8)], [0.5], [z(2, 8), o(2, 8)], [0, 0])),
+    "swap_in_ backup": ("swap_in_", lambda z, o: (o(8), z(8))),
+    "swap_in_ average": ("swap_in_", lambda z, o: (z(8), o(8))),
+    "swap_in_ring_ backup": ("swap_in_ring_", lambda z, o: (o(8), z(2, 8), 1, torch.float32)),
+    "swap_in_ring_ ring": ("swap_in_ring_", lambda z, o: (z(8), o(2, 8), 1, torch.float32)),
+    "restore_ backup": ("restore_", lambda z, o: (o(8),)),
+}
+
+
+@pytest.mark.parametrize("case", list(_OTHER_GPU_CALLS))
+def test_native_cuda_ops_refuse_a_buffer_on_another_gpu(case, target):
+    backend, dev = target
+    if (backend, dev) != ("native", "cuda") or torch.cuda.device_count() < 2:
+        pytest.skip("the native CUDA ops' device checks need two GPUs")
+    here, other = torch.device("cuda", 0), torch.device("cuda", 1)
+    params = _params([5, 3], torch.float32, here)
+    _, flat, table = _bind(backend, params, here)
+    op, make_arguments = _OTHER_GPU_CALLS[case]
+    arguments = make_arguments(
+        lambda *shape: torch.zeros(*shape, device=here), lambda *shape: torch.zeros(*shape, device=other)
+    )
+    buffers = [t for a in arguments for t in (a if isinstance(a, list) else [a]) if isinstance(t, torch.Tensor)]
+    with pytest.raises(RuntimeError, match=rf"^{op}: "):
+        resolve_backend(backend, here).ops[op](flat, table, *arguments)
+    torch.cuda.synchronize(here)  # an illegal access that slipped through would surface here
+    assert all(torch.equal(p, q) for p, q in zip(params, _params([5, 3], torch.float32, here)))
+    assert not any(b.any() for b in buffers)
+    with pytest.raises(RuntimeError, match=r"^ring_mean_: "):
+        resolve_backend(backend, here).ops["ring_mean_"](torch.zeros(8, device=other), torch.ones(2, 8, device=here), 1)
+
+
 def test_empty_parameters(target):
     backend, dev = target
     params = [torch.zeros(0, device=dev), torch.zeros(0, 3, device=dev)]
