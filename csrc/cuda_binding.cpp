@@ -174,7 +174,7 @@ void swap_in_ring_cuda(at::TensorList params, const at::Tensor& table, const at:
   TORCH_CHECK(ring.scalar_type() == backup.scalar_type(), "swap_in_ring_: the ring holds the parameter dtype");
   // Every other buffer's device is checked against the table's (swap): a ring on another GPU would
   // be read through its address there, an illegal access where peer access is off.
-  TORCH_CHECK(ring.device() == backup.device(), "swap_in_ring_: ring must be on the group's device");
+  TORCH_CHECK(ring.device() == table.device(), "swap_in_ring_: ring must be on the group's device");
   // The ring's elements are read one by one (count of them per element), so its alignment does not matter.
   swap(params, table, backup, ring.data_ptr(), ring.stride(0), count, dtype, 1, true, "swap_in_ring_");
 }
