@@ -311,15 +311,23 @@ def test_native_ops_refuse_bad_buffers_before_writing_anything(case, target):
     backend, dev = target
     if backend != "native":
         pytest.skip("the native extension's own checks")
-    params = _params([5, 3], torch.float32, dev)
-    _, flat, table = _bind(backend, params, dev)
     op, make_arguments = _BAD_NATIVE_CALLS[case]
     arguments = make_arguments(lambda *shape, dtype=torch.float32: torch.zeros(*shape, dtype=dtype, device=dev))
+    _check_refused_before_writing(backend, dev, op, arguments)
+
+
+def _check_refused_before_writing(backend, dev, op, arguments) -> None:
+    """The native ``op`` itself (no Python check before it), on parameters of 5 + 3 float32 elements
+    and ``arguments`` after them and their table: it raises, naming itself, and writes neither the
+    parameters nor any buffer it was given (the good ones beside the bad one too). On a GPU the
+    comparisons wait for it: an access that slipped through would fail there."""
+    params = _params([5, 3], torch.float32, dev)
+    _, flat, table = _bind(backend, params, dev)
     buffers = [t for a in arguments for t in (a if isinstance(a, list) else [a]) if isinstance(t, torch.Tensor)]
     with pytest.raises(RuntimeError, match=rf"^{op}: "):
-        resolve_backend(backend, dev).ops[op](flat, table, *arguments)  # the op itself, no Python check before it
+        resolve_backend(backend, dev).ops[op](flat, table, *arguments)
     assert all(torch.equal(p, q) for p, q in zip(params, _params([5, 3], torch.float32, dev)))
-    assert not any(b.any() for b in buffers)  # the good buffers beside the bad one too
+    assert not any(b.any() for b in buffers)
 
 
 # One buffer on a GPU other than the group's, beside good ones: the CUDA ops would reach it through
@@ -342,18 +350,11 @@ def test_native_cuda_ops_refuse_a_buffer_on_another_gpu(case, target):
     if (backend, dev) != ("native", "cuda") or torch.cuda.device_count() < 2:
         pytest.skip("the native CUDA ops' device checks need two GPUs")
     here, other = torch.device("cuda", 0), torch.device("cuda", 1)
-    params = _params([5, 3], torch.float32, here)
-    _, flat, table = _bind(backend, params, here)
     op, make_arguments = _OTHER_GPU_CALLS[case]
     arguments = make_arguments(
         lambda *shape: torch.zeros(*shape, device=here), lambda *shape: torch.zeros(*shape, device=other)
     )
-    buffers = [t for a in arguments for t in (a if isinstance(a, list) else [a]) if isinstance(t, torch.Tensor)]
-    with pytest.raises(RuntimeError, match=rf"^{op}: "):
-        resolve_backend(backend, here).ops[op](flat, table, *arguments)
-    torch.cuda.synchronize(here)  # an illegal access that slipped through would surface here
-    assert all(torch.equal(p, q) for p, q in zip(params, _params([5, 3], torch.float32, here)))
-    assert not any(b.any() for b in buffers)
+    _check_refused_before_writing(backend, here, op, arguments)
     with pytest.raises(RuntimeError, match=r"^ring_mean_: "):
         resolve_backend(backend, here).ops["ring_mean_"](torch.zeros(8, device=other), torch.ones(2, 8, device=here), 1)
 
