@@ -144,8 +144,9 @@ find_sanitizer() {
   # Without nvcc there is no home beside it (a made-up path would resolve to "." and search the cwd).
   nvcc=$(command -v nvcc) && nvcc_home=$(dirname "$(dirname "$(readlink -f "$nvcc")")")
   for home in "${CUDA_HOME:-}" "$nvcc_home" /usr/local/cuda; do
+    [ -n "$home" ] || continue
     for candidate in "$home/bin/compute-sanitizer" "$home/compute-sanitizer/compute-sanitizer"; do
-      [ -n "$home" ] && [ -x "$candidate" ] && echo "$candidate" && return
+      [ -x "$candidate" ] && echo "$candidate" && return
     done
   done
   return 1

@@ -355,8 +355,10 @@ def test_native_cuda_ops_refuse_a_buffer_on_another_gpu(case, target):
         lambda *shape: torch.zeros(*shape, device=here), lambda *shape: torch.zeros(*shape, device=other)
     )
     _check_refused_before_writing(backend, here, op, arguments)
+    mean = torch.zeros(8, device=other)
     with pytest.raises(RuntimeError, match=r"^ring_mean_: "):
-        resolve_backend(backend, here).ops["ring_mean_"](torch.zeros(8, device=other), torch.ones(2, 8, device=here), 1)
+        resolve_backend(backend, here).ops["ring_mean_"](mean, torch.ones(2, 8, device=here), 1)
+    assert not mean.any()
 
 
 def test_empty_parameters(target):
