@@ -344,20 +344,28 @@ _OTHER_GPU_CALLS = {
 }
 
 
+def _two_gpus(target) -> tuple[torch.device, torch.device]:
+    """The group's GPU and another one, for the native CUDA ops' device checks; skips elsewhere."""
+    if target != ("native", "cuda") or torch.cuda.device_count() < 2:
+        pytest.skip("the native CUDA ops' device checks need two GPUs")
+    return torch.device("cuda", 0), torch.device("cuda", 1)
+
+
 @pytest.mark.parametrize("case", list(_OTHER_GPU_CALLS))
 def test_native_cuda_ops_refuse_a_buffer_on_another_gpu(case, target):
-    backend, dev = target
-    if (backend, dev) != ("native", "cuda") or torch.cuda.device_count() < 2:
-        pytest.skip("the native CUDA ops' device checks need two GPUs")
-    here, other = torch.device("cuda", 0), torch.device("cuda", 1)
+    here, other = _two_gpus(target)
     op, make_arguments = _OTHER_GPU_CALLS[case]
     arguments = make_arguments(
         lambda *shape: torch.zeros(*shape, device=here), lambda *shape: torch.zeros(*shape, device=other)
     )
-    _check_refused_before_writing(backend, here, op, arguments)
+    _check_refused_before_writing("native", here, op, arguments)
+
+
+def test_native_cuda_ring_mean_refuses_an_output_on_another_gpu(target):
+    here, other = _two_gpus(target)
     mean = torch.zeros(8, device=other)
     with pytest.raises(RuntimeError, match=r"^ring_mean_: "):
-        resolve_backend(backend, here).ops["ring_mean_"](mean, torch.ones(2, 8, device=here), 1)
+        resolve_backend("native", here).ops["ring_mean_"](mean, torch.ones(2, 8, device=here), 1)
     assert not mean.any()
 
 
